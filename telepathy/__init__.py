@@ -1,0 +1,1 @@
+"""telepathy: frozen sender LLM -> trainable bridge (Perceiver resampler) -> frozen receiver LLM."""

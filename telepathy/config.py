@@ -1,0 +1,155 @@
+"""Typed, validated run configuration: what the launcher resolves and every worker reads.
+
+Torch-free. One dataclass per concern; defaults live here and nowhere else. A RunConfig is written to
+the run folder as `config.json` at submission and read back by the worker (`RunConfig.load`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from telepathy.errors import UserError
+
+BACKENDS = ("ddp", "fsdp", "deepspeed")
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    soft_tokens: int = 32  # K learned queries = soft tokens handed to the receiver
+    depth: int = 2  # Perceiver blocks (cross-attn, self-attn, MLP)
+    heads: int = 8
+    mlp_ratio: int = 4
+    # Which sender hidden state feeds the bridge, as in HF's `hidden_states[i]` (0 = embeddings).
+    # None = layers - 1, the original's `hidden_states[31]` of a 32-layer sender.
+    source_layer: int | None = None
+    diversity_weight: float = 0.1  # batch-diversity penalty of the original (mean off-diagonal cosine)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1500  # optimizer steps
+    micro_batch: int = 16  # per GPU per micro-step (the planner sets this)
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    seed: int = 42
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    length_grouped: bool = True  # batches of similar sender length (deterministic, resume-safe)
+    activation_checkpointing: bool = False  # receiver layers, for long receiver sequences
+    compile: bool = False  # torch.compile the bridge where it runs
+    sender_cache: bool = False  # read tapped-layer states from the shared sender cache
+    zero_stage: int = 2  # DeepSpeed only: 2 or 3
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "sst2"  # a name in configs/tasks/ or a path to a .jsonl/.csv file ("demo" ships in the repo)
+    max_length: int = 128  # sender tokens (truncation)
+    answer_length: int = 16  # receiver answer tokens, padded per batch
+    eval_samples: int | None = 200  # None = the whole eval split
+    train_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_new_tokens: int = 10
+    baselines: tuple[str, ...] = ("receiver", "sender", "text_relay")
+    relay_tokens: int = 50  # what the sender writes for the text-relay baseline
+    latency_samples: int = 20
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    sender: str  # registry alias, hub id or local path
+    receiver: str
+    run_dir: str
+    backend: str = "ddp"
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = "run"
+    predicted_peak_gib: float | None = None  # the planner's memory estimate, logged beside measurements
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise UserError(f"unknown backend '{self.backend}'; use one of {', '.join(BACKENDS)}")
+        t = self.train
+        for k in ("steps", "micro_batch", "grad_accum", "keep_checkpoints", "checkpoint_every", "log_every"):
+            if getattr(t, k) < 1:
+                raise UserError(f"train.{k} must be >= 1 (got {getattr(t, k)})")
+        if t.zero_stage not in (2, 3):
+            raise UserError(f"train.zero_stage must be 2 or 3 (got {t.zero_stage})")
+        if self.bridge.soft_tokens < 1 or self.bridge.depth < 1 or self.bridge.heads < 1:
+            raise UserError("bridge soft_tokens, depth and heads must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        d = dict(d)
+        try:
+            for key, sub in (("bridge", BridgeConfig), ("train", TrainConfig), ("data", DataConfig), ("eval", EvalConfig)):
+                v = dict(d.get(key) or {})
+                if key == "eval" and "baselines" in v:
+                    v["baselines"] = tuple(v["baselines"])
+                d[key] = sub(**v)
+            return cls(**d)
+        except TypeError as e:
+            raise UserError(f"bad run config: {e}; check the field names") from None
+
+    def replace(self, **sections: dict[str, Any]) -> "RunConfig":
+        """A copy with some fields of sections changed: cfg.replace(train={"steps": 5})."""
+        top = {k: v for k, v in sections.items() if not isinstance(v, dict)}
+        nested = {k: dataclasses.replace(getattr(self, k), **v) for k, v in sections.items() if isinstance(v, dict)}
+        return dataclasses.replace(self, **top, **nested)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise UserError(f"run config {path} not found") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"run config {path} is not valid JSON (line {e.lineno})") from None
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder, fsync, rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
