@@ -1,0 +1,85 @@
+"""The memory table (configs/memory_table.yaml): per-pair micro-batch and accumulation, with provenance."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from telepathy.config import atomic_write_text
+from telepathy.errors import UserError
+from telepathy.paths import configs_dir
+from telepathy.registry import Pair
+
+
+@dataclass(frozen=True)
+class TableRow:
+    sender: str
+    receiver: str | None  # None: a single-model row ("Single Llama-8B")
+    micro_batch: int
+    grad_accum: int
+    effective_batch: int
+    gpu_memory_gb: float
+    seq_len: int
+    dtype: str
+    backend: str
+    provenance: str  # "seed table", or "measured on <GPU> <date>"
+    measured: dict[str, Any] | None = None  # GPU name, date, versions, peak GiB (measured rows)
+
+    def matches(self, pair: Pair, *, seq_len: int, backend: str, gpu_memory_gb: float) -> bool:
+        receiver = None if pair.single else pair.receiver.arch_key
+        return (self.sender == pair.sender.arch_key and self.receiver == receiver and self.backend == backend
+                and float(self.gpu_memory_gb) == float(gpu_memory_gb) and self.seq_len >= seq_len)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "receiver"}
+
+
+def table_path() -> Path:
+    return configs_dir() / "memory_table.yaml"
+
+
+def load_table(path: Path | None = None) -> list[TableRow]:
+    path = path or table_path()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"memory table {path} not found; restore configs/memory_table.yaml") from None
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise UserError(f"memory table {path} is not valid YAML{f' (line {line + 1})' if line is not None else ''}; fix the file") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("rows"), list):
+        raise UserError(f"memory table {path} needs a top-level 'rows' list; see the comment at its top")
+    rows = []
+    for i, r in enumerate(raw["rows"], 1):
+        try:
+            row = TableRow(**r)
+            bad = [k for k in ("micro_batch", "grad_accum", "effective_batch", "seq_len") if int(getattr(row, k)) < 1]
+        except TypeError as e:
+            raise UserError(f"memory table {path}, row {i}: {e}; fix the row") from None
+        if bad:
+            raise UserError(f"memory table {path}, row {i}: {', '.join(bad)} must be >= 1; fix the row")
+        if row.micro_batch * row.grad_accum != row.effective_batch:
+            raise UserError(f"memory table {path}, row {i}: micro_batch x grad_accum = {row.micro_batch * row.grad_accum} "
+                            f"but effective_batch = {row.effective_batch}; fix the row")
+        rows.append(row)
+    return rows
+
+
+def find_row(rows: list[TableRow], pair: Pair, *, seq_len: int, backend: str, gpu_memory_gb: float) -> TableRow | None:
+    """The matching row with the smallest sequence length (the tightest that still covers the request);
+    measured rows win over seed rows."""
+    hits = [r for r in rows if r.matches(pair, seq_len=seq_len, backend=backend, gpu_memory_gb=gpu_memory_gb)]
+    hits.sort(key=lambda r: (r.measured is None, r.seq_len))
+    return hits[0] if hits else None
+
+
+def save_table(rows: list[TableRow], path: Path | None = None) -> None:
+    """Rewrite the table atomically (header comment kept)."""
+    path = path or table_path()
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#")) if path.exists() else ""
+    body = yaml.safe_dump({"rows": [r.to_dict() for r in rows]}, sort_keys=False, width=200)
+    atomic_write_text(path, header + body)

@@ -1,0 +1,21 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = [sys.executable, "-m", "launcher.cli"]
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Run the real CLI in a subprocess (fresh interpreter: exit codes, stderr and imports as users see them)."""
+
+    def _run(*args, env=None, timeout=120):
+        e = dict(os.environ, TELEPATHY_RUNS=str(tmp_path / "runs"), **(env or {}))
+        e.pop("TELEPATHY_CLUSTER", None)
+        return subprocess.run(LAUNCH + list(args), capture_output=True, text=True, cwd=REPO, env=e, timeout=timeout)
+
+    return _run
