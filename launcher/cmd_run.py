@@ -15,6 +15,7 @@ from launcher.profiles import add_profile_flags, load_profile, OVERRIDABLE
 from launcher.rundir import check_name, default_name, runs_root, write_run_files
 from telepathy.config import BACKENDS, BridgeConfig, DataConfig, RunConfig, TrainConfig
 from telepathy.errors import UserError
+from telepathy.paths import configs_dir
 from telepathy.registry import load_registry
 
 
@@ -116,6 +117,18 @@ def run_config_from_args(args, pair, run_dir: str, name: str) -> RunConfig:
                      data=DataConfig(**sections["data"]))
 
 
+def check_task(task: str) -> str:
+    """Fail at planning, not on a compute node: a task is a name in configs/tasks/ or an existing file."""
+    if "/" in task or task.endswith((".jsonl", ".csv")):
+        if not Path(task).is_file():
+            raise UserError(f"task file {task} not found; pass an existing .jsonl/.csv file or a task name")
+        return task
+    names = sorted(p.stem for p in (configs_dir() / "tasks").glob("*.yaml"))
+    if task not in names:
+        raise UserError(f"unknown task '{task}'; use one of {', '.join(names)} or a .jsonl/.csv file")
+    return task
+
+
 def build_plans(args) -> tuple[list[Plan], Path | None]:
     """One plan, or one per sweep task (sharing a sweep folder)."""
     reg = load_registry()
@@ -131,7 +144,7 @@ def build_plans(args) -> tuple[list[Plan], Path | None]:
                          global_batch=args.global_batch, micro_batch=args.micro_batch)
 
     pair = reg.pair(args.pair, args.sender, args.receiver)
-    task = args.task or DataConfig.task
+    task = check_task(args.task or DataConfig.task)
     if not args.sweep:
         name = check_name(args.name) if args.name else default_name(pair.name, task)
         return [plan_for(pair, root / name, name)], None
@@ -213,6 +226,6 @@ def run_local(plan: Plan) -> int:
     if torchrun is None:
         raise UserError("torchrun not found next to this Python; install torch in this environment")
     argv = torchrun_command(plan, config_path=str(run_dir / "config.json"))
-    env = dict(os.environ, **plan.profile.env) if plan.profile.device == "cpu" else dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # N processes on one machine must not each take every core
     return subprocess.call([torchrun] + argv[1:], env=env)

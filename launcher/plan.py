@@ -132,12 +132,16 @@ def make_plan(pair: Pair, run: RunConfig, *, gpus: int, profile: ClusterProfile,
             notes.append(f"--micro-batch {micro_batch} is above the {fits} the memory model fits on {gpu_gb:g} GB: expect OOM")
     elif row is not None:
         source, max_micro = "table", row.micro_batch
-        if row.micro_batch > fits:
-            notes.append(f"table row micro-batch {row.micro_batch} does not fit by the memory model (largest {fits})")
-        est_row = memory.estimate(pair, micro_batch=row.micro_batch, **knobs).total_gib
-        if est_row < 0.5 * gpu_gb * 1e9 / 2**30:
-            notes.append(f"table row uses {est_row:.1f} GiB of the {gpu_gb:g} GB GPU (under half): "
-                         f"the memory model fits micro-batch {fits}")
+        # Judge the row at its own sequence length: that is the claim the table makes.
+        at_row = {**knobs, "seq_len": row.seq_len}
+        est_row = memory.estimate(pair, micro_batch=row.micro_batch, **at_row).total_gib
+        fits_row = memory.max_micro_batch(pair, gpu_memory_gb=gpu_gb, **at_row)
+        if row.micro_batch > fits_row:
+            notes.append(f"table row micro-batch {row.micro_batch} does not fit by the memory model at seq {row.seq_len} "
+                         f"({est_row:.1f} GiB; largest {fits_row})")
+        if est_row < 0.5 * memory.gpu_gib(gpu_gb):
+            notes.append(f"table row (micro-batch {row.micro_batch} at seq {row.seq_len}) uses {est_row:.1f} GiB of the "
+                         f"{gpu_gb:g} GB GPU by the memory model, under half: it fits micro-batch {fits_row} there")
     else:
         source, max_micro = "estimate", fits
         notes.append(f"no table row for {pair.name} at seq {run.data.max_length}, {run.backend}, {gpu_gb:g} GB: "

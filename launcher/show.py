@@ -7,7 +7,7 @@ from launcher.plan import Plan
 
 def kv_table(title: str, rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
-    line = "-" * (width + 2 + max(len(v) for _, v in rows))
+    line = "-" * min(100, width + 2 + max(len(v) for _, v in rows))
     return "\n".join([title, line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
 
 
