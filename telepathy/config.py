@@ -50,6 +50,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the bridge where it runs
     sender_cache: bool = False  # read tapped-layer states from the shared sender cache
     zero_stage: int = 2  # DeepSpeed only: 2 or 3
+    bridge_dtype: str = "bfloat16"  # bridge params, grads and AdamW states: bfloat16 (as the original) or float32
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class RunConfig:
         for k in ("steps", "micro_batch", "grad_accum", "keep_checkpoints", "checkpoint_every", "log_every"):
             if getattr(t, k) < 1:
                 raise UserError(f"train.{k} must be >= 1 (got {getattr(t, k)})")
+        if t.bridge_dtype not in ("bfloat16", "float32"):
+            raise UserError(f"train.bridge_dtype must be bfloat16 or float32 (got {t.bridge_dtype})")
         if t.zero_stage not in (2, 3):
             raise UserError(f"train.zero_stage must be 2 or 3 (got {t.zero_stage})")
         if self.bridge.soft_tokens < 1 or self.bridge.depth < 1 or self.bridge.heads < 1:

@@ -1,0 +1,324 @@
+"""DDP / FSDP2 / DeepSpeed ZeRO behind one interface for the training loop.
+
+`wrap(model, backend, cfg, device)` returns a `Wrapped`: `micro_step(batch, last)` runs forward + backward
+(skipping the gradient all-reduce on non-final accumulation micro-steps), `optimizer_step()` clips, steps
+AdamW and the LR schedule, and returns the gradient norm. Checkpoint state is gathered to full tensors so a
+checkpoint does not depend on the backend that wrote it.
+
+- one process: no wrapper at all (a backend only applies from two processes).
+- ddp: only the bridge is wrapped (frozen sender/receiver are plain replicas: DDP on them would all-reduce
+  nothing useful and keep buckets); the model calls the DDP module's forward (the original called
+  `.module` and bypassed DDP's bookkeeping).
+- fsdp: FSDP2 `fully_shard` of every decoder layer, the sender body, the receiver wrapper, the bridge and the
+  root; the frozen weights are sharded too (what FSDP is for here).
+- deepspeed: a ZeRO-2/3 engine over the bridge only (configs/deepspeed/zero{2,3}.json, "auto" fields filled
+  in from the run config). The optimizer is the same torch AdamW + schedule as elsewhere (a DeepSpeed
+  client optimizer), so all backends follow one trajectory; DeepSpeed's optimizer state is its own
+  partitioned format (resumable with the same backend and world size only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from telepathy.config import RunConfig, TrainConfig
+from telepathy.errors import UserError
+from telepathy.paths import configs_dir
+from telepathy.step import Batch, StepOutput, TelepathyModel
+
+log = logging.getLogger(__name__)
+
+
+def lr_factor(train: TrainConfig, step: int) -> float:
+    """Linear warmup to 1, then cosine to `min_lr_ratio` at `steps` (step = optimizer steps taken)."""
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    progress = min(1.0, (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
+    return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params: list[nn.Parameter], train: TrainConfig):
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(train, s))
+    return optimizer, scheduler
+
+
+def _full_options(**kw: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # cpu_offload gathers onto rank 0's CPU only: other ranks get empty dicts and no full copy
+    return StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized(), **kw)
+
+
+class Wrapped:
+    """The plain single-process case; DDP, FSDP and DeepSpeed override what differs."""
+
+    backend = "none"
+
+    scalars: set[str] = set()  # bridge parameters promoted from shape () to (1,) for flat sharding
+
+    def __init__(self, model: TelepathyModel, cfg: RunConfig):
+        self.model, self.cfg = model, cfg
+        self.bridge: nn.Module = model.bridge  # the unwrapped bridge
+        self.optimizer, self.scheduler = make_optimizer(model.trainable_parameters(), cfg.train)
+
+    def _saved_shapes(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoints keep the module's own shapes, so they load into any backend."""
+        return {k: v.reshape(()) if k in self.scalars else v for k, v in state.items()}
+
+    def _live_shapes(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.reshape(1) if k in self.scalars else v for k, v in state.items()}
+
+    # ------------------------------------------------------------------ stepping
+
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def micro_step(self, batch: Batch, last: bool) -> StepOutput:
+        """Forward + backward of one micro-batch; gradients are reduced across ranks only when `last`."""
+        with self._sync(last):
+            out = self.model(batch)
+            (out.loss / self.cfg.train.grad_accum).backward()
+        return out
+
+    def optimizer_step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.train.grad_clip)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor reduced over the mesh
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # ------------------------------------------------------------------ state (collective calls)
+
+    def bridge_state(self) -> dict[str, torch.Tensor]:
+        """Full bridge weights on rank 0's CPU (empty elsewhere)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return self._saved_shapes(get_model_state_dict(self.bridge, options=_full_options()))
+
+    def optimizer_state(self) -> dict[str, Any] | None:
+        """Full AdamW state keyed by parameter name on rank 0 (portable across plain/DDP/FSDP)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.bridge, self.optimizer, options=_full_options())
+
+    def scheduler_state(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def write_rank_files(self, folder) -> None:
+        """Backend-sharded state every rank writes into a checkpoint folder (DeepSpeed only)."""
+
+    def load(self, ckpt) -> bool:
+        """Restore from a checkpoint.Checkpoint; False when only the weights could be restored (the
+        optimizer state was written by another backend family)."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        options = _full_options()
+        set_model_state_dict(self.bridge, self._live_shapes(ckpt.bridge()), options=options)
+        optim = ckpt.optimizer()
+        self.scheduler.load_state_dict(ckpt.state["scheduler"])
+        if optim is None:
+            return False
+        set_optimizer_state_dict(self.bridge, self.optimizer, optim, options=options)
+        return True
+
+    # ------------------------------------------------------------------ after training
+
+    def local_model(self, bridge_state: dict[str, torch.Tensor], rebuild: Callable[[], TelepathyModel]) -> TelepathyModel:
+        """A model rank 0 can run alone (evaluation while the others wait): no collectives inside."""
+        self.model.bridge = self.bridge
+        return self.model
+
+
+class DDPWrapped(Wrapped):
+    backend = "ddp"
+
+    def __init__(self, model: TelepathyModel, cfg: RunConfig, device: torch.device):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        bridge = model.bridge
+        ids = [device.index] if device.type == "cuda" else None
+        model.bridge = DDP(bridge, device_ids=ids, output_device=device.index if ids else None)
+        super().__init__(model, cfg)
+        self.bridge = bridge
+
+    def _sync(self, last: bool):
+        return contextlib.nullcontext() if last else self.model.bridge.no_sync()
+
+
+class FSDPWrapped(Wrapped):
+    backend = "fsdp"
+
+    def __init__(self, model: TelepathyModel, cfg: RunConfig, device: torch.device):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        receiver_params = {id(p) for p in model.receiver.parameters()}
+        if model.sender is not None and any(id(p) in receiver_params for p in model.sender.parameters()):
+            raise UserError("backend fsdp cannot shard a single-model pair (sender and receiver share weights); "
+                            "use --backend ddp or deepspeed")
+        for layer in model.sender_layers() + model.receiver_layers():
+            fully_shard(layer, mesh=mesh)
+        if model.sender is not None:
+            fully_shard(model.sender, mesh=mesh)
+        fully_shard(model.receiver, mesh=mesh)
+        self.scalars = _promote_scalars(model.bridge)
+        fully_shard(model.bridge, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        super().__init__(model, cfg)  # AdamW over the sharded (DTensor) bridge parameters
+
+    def _sync(self, last: bool):
+        self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def local_model(self, bridge_state, rebuild):
+        # Sharded frozen weights cannot run on one rank: rank 0 loads an unsharded copy.
+        model = rebuild()
+        model.bridge.load_state_dict(bridge_state)
+        return model
+
+
+class DeepSpeedWrapped(Wrapped):
+    backend = "deepspeed"
+
+    def __init__(self, model: TelepathyModel, cfg: RunConfig, device: torch.device):
+        deepspeed = import_deepspeed()
+        for frozen in (model.sender, model.receiver):
+            if frozen is not None:
+                frozen.to(device)  # loaded on the CPU for sharded backends; ZeRO shards only the bridge
+        bridge = model.bridge
+        self._skeleton = copy.deepcopy(bridge).to("meta")  # shape-only twin for the rank-0 evaluation copy
+        self.scalars = _promote_scalars(bridge)  # ZeRO flattens parameters: 0-d ones break it
+        self.model, self.cfg = model, cfg
+        optimizer, scheduler = make_optimizer(list(bridge.parameters()), cfg.train)
+        engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=bridge, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
+            dist_init_required=False)
+        self.engine = engine
+        model.bridge = engine
+        self.bridge = engine.module
+        self._zero3 = cfg.train.zero_stage == 3
+
+    def micro_step(self, batch: Batch, last: bool) -> StepOutput:
+        out = self.model(batch)
+        self.engine.backward(out.loss)  # the engine divides by gradient_accumulation_steps itself
+        self.engine.step()  # optimizer + scheduler only at the accumulation boundary
+        return out
+
+    def optimizer_step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _gathered(self):
+        import deepspeed
+
+        if self._zero3:
+            return deepspeed.zero.GatheredParameters(list(self.bridge.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def bridge_state(self):
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        with self._gathered():
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.bridge.state_dict().items()} if rank0 else {}
+        return self._saved_shapes(state)
+
+    def optimizer_state(self):
+        return None  # in write_rank_files: DeepSpeed's own partitioned format
+
+    def write_rank_files(self, folder) -> None:
+        from telepathy.checkpoint import DEEPSPEED_DIR
+
+        self.engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag="state", save_latest=False)
+
+    def load(self, ckpt) -> bool:
+        import deepspeed
+
+        saved_world = ckpt.state.get("world_size")
+        if ckpt.deepspeed_dir.is_dir() and saved_world == dist.get_world_size():
+            self.engine.load_checkpoint(str(ckpt.deepspeed_dir), tag="state", load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+            return True
+        state = self._live_shapes(ckpt.bridge())
+        dtype = next(self.bridge.parameters()).dtype
+        with deepspeed.zero.GatheredParameters(list(self.bridge.parameters()), modifier_rank=0) if self._zero3 \
+                else contextlib.nullcontext():
+            if not dist.is_initialized() or dist.get_rank() == 0 or not self._zero3:
+                self.bridge.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+        self.scheduler.load_state_dict(ckpt.state["scheduler"])
+        return False
+
+    def local_model(self, bridge_state, rebuild):
+        bridge = self._skeleton.to_empty(device=next(self.model.receiver.parameters()).device)
+        bridge.load_state_dict(bridge_state)
+        self.model.bridge = bridge
+        return self.model
+
+
+def _promote_scalars(module: nn.Module) -> set[str]:
+    """FSDP2 cannot shard 0-d parameters: turn each into shape (1,) (same broadcasting in the forward).
+    Returns their names; optimizer state keeps the (1,) shape, weights are saved with the original ()."""
+    names = set()
+    for name, p in list(module.named_parameters()):
+        if p.dim() == 0:
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            setattr(owner, attr, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+            names.add(name)
+    return names
+
+
+def import_deepspeed():
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        import deepspeed
+    except ImportError:
+        raise UserError("backend deepspeed needs DeepSpeed: pip install telepathy[deepspeed] "
+                        "(or choose --backend ddp or fsdp)") from None
+    return deepspeed
+
+
+def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
+    """configs/deepspeed/zero{stage}.json with its "auto" fields filled in from the run config."""
+    path = configs_dir() / "deepspeed" / f"zero{cfg.train.zero_stage}.json"
+    config = json.loads(path.read_text())
+    t = cfg.train
+    fill = {"train_micro_batch_size_per_gpu": t.micro_batch, "gradient_accumulation_steps": t.grad_accum,
+            "gradient_clipping": t.grad_clip}
+    for key, value in fill.items():
+        if config.get(key) == "auto":
+            config[key] = value
+    if config.get("bf16", {}).get("enabled") == "auto":
+        config["bf16"]["enabled"] = t.bridge_dtype == "bfloat16"
+    return config
+
+
+def wrap(model: TelepathyModel, backend: str, cfg: RunConfig, device: torch.device) -> Wrapped:
+    """The model ready for the training loop; `model.train()` is set here."""
+    model.train()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return Wrapped(model, cfg)
+    if backend == "ddp":
+        return DDPWrapped(model, cfg, device)
+    if backend == "fsdp":
+        return FSDPWrapped(model, cfg, device)
+    if backend == "deepspeed":
+        return DeepSpeedWrapped(model, cfg, device)
+    raise UserError(f"unknown backend '{backend}'; use ddp, fsdp or deepspeed")

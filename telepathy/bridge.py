@@ -1,0 +1,74 @@
+"""The bridge: a Perceiver resampler from sender hidden states to K soft tokens in the receiver's
+embedding space (the original system's final module, shared-notes original-system.md §1.1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from telepathy.bridge_shape import bridge_param_count  # noqa: F401  (re-exported: the closed form lives torch-free)
+from telepathy.config import BridgeConfig
+from telepathy.errors import UserError
+
+
+class _Block(nn.Module):
+    """Pre-LN: latents cross-attend to the sender states, self-attend, then an MLP; all residual."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.ln_cross, self.ln_self, self.ln_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
+        # need_weights=False keeps MHA on the fused scaled-dot-product kernels (no B x K x S weights).
+        q = self.ln_cross(x)
+        x = x + self.cross(q, keys, keys, key_padding_mask=key_padding, need_weights=False)[0]
+        q = self.ln_self(x)
+        x = x + self.self_attn(q, q, q, need_weights=False)[0]
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class Bridge(nn.Module):
+    """`forward(src_states (B,S,d_S), src_mask (B,S)) -> soft tokens (B,K,d_R)`.
+
+    K learned latents live in the receiver's width; the sender states are LayerNorm-ed and projected to it
+    (Identity when the widths match). The input LayerNorm is not in the original: like Flamingo's resampler
+    it puts every sender/layer on one scale (real hidden states carry outlier features in the hundreds;
+    random tiny ones are ~0.02), and on the demo it lifts accuracy after 150 steps from 0.61 to 0.90.
+    The output is RMS-normalised per token and scaled by a learnable scalar that starts at the receiver's
+    typical embedding RMS, so soft tokens enter the receiver at the scale of real tokens.
+    """
+
+    def __init__(self, cfg: BridgeConfig, src_dim: int, tgt_dim: int, target_rms: float):
+        super().__init__()
+        if tgt_dim % cfg.heads:
+            raise UserError(f"bridge heads ({cfg.heads}) must divide the receiver width ({tgt_dim}); "
+                            "pick --bridge-heads that divides it")
+        self.latents = nn.Parameter(torch.randn(cfg.soft_tokens, tgt_dim) * 0.02)
+        self.input_norm = nn.LayerNorm(src_dim)
+        self.input_proj = nn.Linear(src_dim, tgt_dim) if src_dim != tgt_dim else nn.Identity()
+        self.blocks = nn.ModuleList(_Block(tgt_dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.output_scale = nn.Parameter(torch.tensor(float(target_rms)))
+
+    def forward(self, src_states: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        dtype = self.latents.dtype
+        keys = self.input_proj(self.input_norm(src_states.to(dtype)))
+        key_padding = src_mask == 0  # True = ignore
+        x = self.latents.unsqueeze(0).expand(src_states.size(0), -1, -1)
+        for block in self.blocks:
+            x = block(x, keys, key_padding)
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-8) * self.output_scale.float()
+        return out.to(dtype)
+
+
+@torch.no_grad()
+def target_rms_of(receiver: nn.Module, chunk: int = 8192) -> float:
+    """Median per-row RMS of the receiver's input-embedding matrix (the original's output-scale init).
+    Computed in row chunks so a 150k-row vocabulary never needs a full fp32 copy."""
+    weight = receiver.get_input_embeddings().weight
+    rms = torch.cat([weight[i:i + chunk].float().pow(2).mean(1).sqrt() for i in range(0, weight.size(0), chunk)])
+    return float(rms.median())

@@ -1,0 +1,337 @@
+"""Sender cache: the frozen sender's tapped-layer states for a dataset, computed once and read by every
+later epoch and every sweep task that shares them.
+
+The sender is frozen and deterministic, so its states depend only on (model weights, tapped layer, the
+exact sender token ids). A cache entry is a folder `<root>/<name>-<digest>/` of safetensors shards (each a
+flat `states` (tokens, d) bf16 tensor holding consecutive examples at their real length, no padding, and
+their `offsets`) plus `manifest.json` with per-shard SHA-256 checksums. The digest covers the model
+identity (source + revision when known, or the random-init architecture), the tapped layer, the dtype and
+a hash of every example's sender token ids (which fixes tokenizer, prompt template, max_length and text).
+
+Concurrency: the entry is built in a private temporary folder, the manifest is written last, and the
+folder is published with one rename; builders serialise on an fcntl (POSIX) lock file, which the kernel
+releases when a builder dies (no stale claims), and which works on NFS with lockd. Several array tasks
+starting at once: one builds, the others block on the lock, then re-check and read. A reader that finds a
+missing, partial or corrupted entry (checksum mismatch) rebuilds it under the same lock.
+
+Off by default (TrainConfig.sender_cache): building costs one sender pass over the WHOLE dataset plus
+disk (an 8B sender: 8 KiB per token, ~22 GB for SST-2 at ~40 tokens), which only pays when the data is
+read more than about once in total, i.e. several epochs or several sweep tasks on the same sender/data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from bisect import bisect_right
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the on-disk layout changes: old entries then simply miss
+SHARD_BYTES = 256 * 1024 ** 2  # a shard is written once it holds this much (one shard per ~32k tokens at d=4096)
+BUILD_TOKENS = 16384  # sender tokens per forward batch while building (padding included)
+DTYPE = torch.bfloat16
+
+
+def cache_root() -> Path:
+    """$TELEPATHY_CACHE/sender_states (default ~/.cache/telepathy/sender_states)."""
+    from telepathy.tokenizers import cache_dir
+
+    return cache_dir() / "sender_states"
+
+
+def ids_digest(sender_ids: Sequence[Sequence[int]]) -> str:
+    """SHA-256 of every example's sender token ids, in order (lengths included, so no two lists collide)."""
+    h = hashlib.sha256()
+    h.update(np.asarray([len(r) for r in sender_ids], dtype=np.int64).tobytes())
+    for r in sender_ids:
+        h.update(np.asarray(r, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def model_identity(spec) -> dict:
+    """What fixes a registry model's weights: the seeded random-init architecture, a local checkpoint's
+    config and weight files, or a hub id with the snapshot revision found in the local HF cache."""
+    if spec.weights == "random":
+        arch = {k: v for k, v in spec.to_dict().items() if k not in ("alias", "path", "hub_id")}
+        return {"weights": "random", "init_seed": 0, "arch": arch}  # loading.load_model's seeded init
+    if spec.path:
+        root = Path(spec.path)
+        files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in root.iterdir()
+                       if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+        return {"weights": "local", "path": str(root), "files": files}
+    return {"weights": "hub", "hub_id": spec.hub_id, "revision": _hub_revision(spec.hub_id)}
+
+
+def _hub_revision(hub_id: str) -> str | None:
+    """The commit from_pretrained resolves for `main` in the local HF cache (None if not downloaded yet)."""
+    home = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache/huggingface") / "hub")
+    ref = home / f"models--{hub_id.replace('/', '--')}" / "refs" / "main"
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything the cached states depend on; `digest` names the entry."""
+
+    model: dict  # model_identity(spec)
+    layer: int  # hidden_states index of the tap
+    dataset: str  # e.g. "sst2:train"; part of the name for humans, the ids hash is what matters
+    ids_sha256: str  # ids_digest of the examples
+    n_examples: int
+    tokenizer: str = ""  # informational (the ids already fix it)
+    max_length: int = 0  # informational (the ids already fix it)
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "dtype": str(DTYPE), "model": self.model, "layer": self.layer,
+                "dataset": self.dataset, "ids_sha256": self.ids_sha256, "n_examples": self.n_examples,
+                "tokenizer": self.tokenizer, "max_length": self.max_length}
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def dirname(self) -> str:
+        readable = re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.dataset}-L{self.layer}")
+        return f"{readable}-{self.digest[:20]}"
+
+
+class SenderCache:
+    """Read side of one valid entry: `get(i)` -> (len_i, d) bf16 states of example i; `attach` fills a Batch."""
+
+    def __init__(self, path: Path, manifest: dict):
+        from safetensors import safe_open
+
+        self.path, self.manifest = path, manifest
+        self.hidden = int(manifest["hidden"])
+        self._starts = [s["first"] for s in manifest["shards"]]
+        self._files = [safe_open(str(path / s["file"]), framework="pt") for s in manifest["shards"]]
+        self._offsets = [f.get_tensor("offsets").tolist() for f in self._files]
+
+    def __len__(self) -> int:
+        return int(self.manifest["key"]["n_examples"])
+
+    def get(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(f"example {index} outside the cache's {len(self)} examples")
+        s = bisect_right(self._starts, index) - 1
+        j = index - self._starts[s]
+        a, b = self._offsets[s][j], self._offsets[s][j + 1]
+        return self._files[s].get_slice("states")[a:b]
+
+    def lengths(self) -> list[int]:
+        return [b - a for offs in self._offsets for a, b in zip(offs, offs[1:])]
+
+    def attach(self, batch, indices: Sequence[int]):
+        """The batch with `sender_states` (B, S, d) filled from the cache (zero where sender_mask is 0) and
+        `sender_ids` dropped. The collator's per-batch padding fixes S; each example's cached length must
+        equal its mask's (it does when the key matched: same ids)."""
+        mask = batch.sender_mask
+        states = torch.zeros(mask.size(0), mask.size(1), self.hidden, dtype=DTYPE)
+        for row, i in enumerate(indices):
+            s = self.get(int(i))
+            if s.size(0) != int(mask[row].sum()):
+                raise RuntimeError(f"sender cache {self.path.name}: example {i} has {s.size(0)} cached tokens but "
+                                   f"{int(mask[row].sum())} in the batch; the cache does not match this data")
+            states[row, :s.size(0)] = s
+        batch.sender_states, batch.sender_ids = states, None
+        return batch
+
+
+# ---------------------------------------------------------------- validation
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check(path: Path, key: CacheKey) -> tuple[dict | None, str]:
+    """(manifest, "") for a complete, uncorrupted entry of `key`, else (None, why)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        return None, "missing" if not path.exists() else "no manifest (partial)"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, "unreadable manifest"
+    if manifest.get("key") != key.to_dict():
+        return None, "manifest is for another key"
+    for s in manifest.get("shards", []):
+        f = path / s["file"]
+        if not f.is_file() or f.stat().st_size != s["bytes"]:
+            return None, f"shard {s['file']} missing or truncated"
+        if _sha256(f) != s["sha256"]:
+            return None, f"shard {s['file']} checksum mismatch (corrupted)"
+    covered = sum(s["count"] for s in manifest.get("shards", []))
+    if covered != key.n_examples:
+        return None, f"shards cover {covered} of {key.n_examples} examples"
+    return manifest, ""
+
+
+def open_cache(key: CacheKey, root: Path | None = None) -> SenderCache | None:
+    """The entry for `key` if it is complete and valid (checksums verified), else None."""
+    path = (root or cache_root()) / key.dirname
+    manifest, _ = _check(path, key)
+    return SenderCache(path, manifest) if manifest else None
+
+
+# ---------------------------------------------------------------- building
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, poll_log_s: float = 60.0):
+    """A POSIX record lock on `lock_path` (blocking). The kernel drops it if the holder dies."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() - start > poll_log_s:
+                    log.info("sender cache: still waiting for another builder (%s)", lock_path.name)
+                    start = time.monotonic()
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _write_shard(tmp: Path, number: int, first: int, parts: list[torch.Tensor], hidden: int) -> dict:
+    from safetensors.torch import save_file
+
+    lengths = [p.size(0) for p in parts]
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
+    states = torch.cat(parts) if parts else torch.zeros(0, hidden, dtype=DTYPE)
+    name = f"shard-{number:05d}.safetensors"
+    save_file({"states": states.contiguous(), "offsets": offsets}, str(tmp / name))
+    f = tmp / name
+    with f.open("rb") as fh:
+        os.fsync(fh.fileno())
+    return {"file": name, "first": first, "count": len(parts), "tokens": int(offsets[-1]),
+            "bytes": f.stat().st_size, "sha256": _sha256(f)}
+
+
+def _write_entry(tmp: Path, key: CacheKey, states: Iterator[tuple[int, torch.Tensor]]) -> None:
+    """Shards of consecutive examples (states must arrive in index order 0..n-1), manifest last."""
+    tmp.mkdir(parents=True)
+    shards, parts, first, expect, hidden = [], [], 0, 0, 0
+    for index, s in states:
+        if index != expect:
+            raise ValueError(f"states arrived out of order ({index} after {expect - 1})")
+        hidden = s.size(-1)
+        parts.append(s.to("cpu", DTYPE))
+        expect += 1
+        if sum(p.numel() for p in parts) * 2 >= SHARD_BYTES:
+            shards.append(_write_shard(tmp, len(shards), first, parts, hidden))
+            parts, first = [], expect
+    if parts or not shards:
+        shards.append(_write_shard(tmp, len(shards), first, parts, hidden))
+    if expect != key.n_examples:
+        raise ValueError(f"built {expect} examples, the key says {key.n_examples}")
+    manifest = {"key": key.to_dict(), "hidden": hidden, "shards": shards, "created": time.time(),
+                "host": socket.gethostname()}
+    from telepathy.config import atomic_write_text
+
+    atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+
+
+def ensure(key: CacheKey, compute: Callable[[], Iterator[tuple[int, torch.Tensor]]],
+           root: Path | None = None) -> tuple[SenderCache, bool]:
+    """(cache, built): the valid entry for `key`, built by `compute()` (yielding (index, (len, d) states) in
+    index order) when missing or invalid. Safe with many concurrent callers: at most one builds."""
+    root = root or cache_root()
+    path = root / key.dirname
+    manifest, _ = _check(path, key)
+    if manifest:
+        return SenderCache(path, manifest), False
+    with _exclusive(root / f".{key.dirname}.lock"):
+        manifest, why = _check(path, key)  # another task may have built it while we waited
+        if manifest:
+            return SenderCache(path, manifest), False
+        log.info("sender cache: building %s (%s)", key.dirname, why)
+        for leftover in root.glob(f".{key.dirname}.tmp-*"):  # a crashed builder's; we hold the lock
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = root / f".{key.dirname}.tmp-{socket.gethostname()}-{os.getpid()}"
+        try:
+            _write_entry(tmp, key, compute())
+            if path.exists():
+                shutil.rmtree(path)  # stale or corrupted: readers of it fail their checksum anyway
+            os.rename(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        manifest, why = _check(path, key)
+        if not manifest:
+            raise RuntimeError(f"sender cache {path} is invalid right after building it ({why}); check the disk")
+        return SenderCache(path, manifest), True
+
+
+def sender_states(sender: torch.nn.Module, sender_ids: Sequence[Sequence[int]], pad_id: int,
+                  device: torch.device | str, tokens_per_batch: int = BUILD_TOKENS) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, (len, d) states) for every example, in index order. `sender` is the truncated body
+    (last_hidden_state = the tapped layer). Batches of similar length (little padding) within windows
+    of 1024 examples, so memory stays bounded and output order stays the index order."""
+    device = torch.device(device)
+    window = 1024
+    for w0 in range(0, len(sender_ids), window):
+        idx = sorted(range(w0, min(w0 + window, len(sender_ids))), key=lambda i: len(sender_ids[i]))
+        out: dict[int, torch.Tensor] = {}
+        while idx:
+            batch = [idx.pop()]  # longest remaining first
+            while idx and len(sender_ids[batch[0]]) * (len(batch) + 1) <= tokens_per_batch:
+                batch.append(idx.pop())
+            width = len(sender_ids[batch[0]])
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                ids[r, :len(sender_ids[i])] = torch.tensor(sender_ids[i])
+                mask[r, :len(sender_ids[i])] = 1
+            with torch.no_grad():
+                h = sender(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+            h = h.to("cpu", DTYPE)
+            for r, i in enumerate(batch):
+                out[i] = h[r, :len(sender_ids[i])].clone()
+        for i in range(w0, min(w0 + window, len(sender_ids))):
+            yield i, out.pop(i)
+
+
+def sender_cache_for(cfg, pair, collator, examples, split: str, device: torch.device | str,
+                     root: Path | None = None) -> SenderCache:
+    """The trainer's entry point: the cache for `examples` (one split of cfg's task) under cfg's sender,
+    tap and tokenisation, built here (truncated sender loaded only then) if no valid entry exists."""
+    from telepathy.loading import load_model, select_attention
+    from telepathy.step import source_layer
+
+    ids = [collator.sender_ids(e.text) for e in examples]
+    tap = source_layer(cfg.bridge, pair.sender)
+    key = CacheKey(model=model_identity(pair.sender), layer=tap, dataset=f"{Path(cfg.data.task).name}:{split}",
+                   ids_sha256=ids_digest(ids), n_examples=len(ids),
+                   tokenizer=type(collator.sender_tok).__name__ + ":" + str(pair.sender.tokenizer or pair.sender.source),
+                   max_length=cfg.data.max_length)
+
+    def compute() -> Iterator[tuple[int, torch.Tensor]]:
+        body = load_model(pair.sender, device=device, attn_implementation=select_attention(torch.device(device))[0],
+                          num_layers=tap)
+        yield from sender_states(body, ids, collator.sender_tok.pad_token_id, device)
+
+    cache, built = ensure(key, compute, root)
+    log.info("sender cache: %s %s (%d examples)", "built" if built else "reading", cache.path, len(cache))
+    return cache

@@ -1,0 +1,321 @@
+"""Tasks as data: a task spec (configs/tasks/<name>.yaml), its examples, and the collator that turns
+examples into training batches.
+
+`DataConfig.task` is one of
+- a name in configs/tasks/ (sst2, agnews, trec, demo): a hub dataset (loaded with `datasets`, lazily) or
+  local files (`files:` relative to telepathy/data/);
+- a path to a task .yaml (relative `files:` resolve against the yaml's folder);
+- a path to a .jsonl or .csv file with fields `text` and `label` (a label word or a class index); label
+  words are then the sorted distinct labels. The eval split is a sibling `eval|validation|test` file when
+  the file is named `train.*`, else every 10th example (after a fixed shuffle) is held out.
+Bad input is a one-line UserError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from telepathy.config import DataConfig
+from telepathy.errors import UserError
+from telepathy.paths import configs_dir, data_dir
+
+_FILE_SUFFIXES = (".jsonl", ".csv")
+_SUBSET_SEED = 0  # sample limits pick the same examples in every run (comparable evaluations)
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int  # index into TaskSpec.labels
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything a task needs beyond its examples: label words, the receiver primer, the sender prompt."""
+
+    name: str
+    labels: tuple[str, ...]  # label words; an example's label is an index into this
+    primer: str  # the receiver's only text: "[primer][K soft tokens][answer]"
+    prompt: str  # the sender's input, with {text}
+    text_field: str = "text"
+    label_field: str = "label"
+    dataset: str | None = None  # hub dataset id
+    config: str | None = None  # hub dataset config name
+    train_split: str = "train"
+    eval_split: str = "test"
+    files: dict[str, str] = field(default_factory=dict)  # split -> absolute path (local tasks)
+    synonyms: dict[str, tuple[str, ...]] = field(default_factory=dict)  # label word -> also accepted words
+    max_length: int | None = None  # the task's usual sender length (the original's), for the launcher
+
+    def sender_text(self, text: str) -> str:
+        return self.prompt.replace("{text}", text)  # not str.format: texts contain braces
+
+    def answer_text(self, label: int) -> str:
+        """What the receiver is trained to say (the collator appends the EOS token)."""
+        return f" {self.labels[label]}"
+
+    def match(self, generated: str) -> int | None:
+        """The label whose word (or synonym) occurs FIRST in the lower-cased generated text, as a whole word
+        (not inside a longer word); the longer word wins a tie. None when no label word occurs."""
+        text = generated.lower()
+        best: tuple[int, int, int] | None = None  # (position, -length, label)
+        for i, word in enumerate(self.labels):
+            for w in (word, *self.synonyms.get(word, ())):
+                m = re.search(rf"(?<![a-z0-9]){re.escape(w.lower())}(?![a-z0-9])", text)
+                if m and (best is None or (m.start(), -len(w)) < best[:2]):
+                    best = (m.start(), -len(w), i)
+        return None if best is None else best[2]
+
+
+@dataclass(frozen=True)
+class Task:
+    spec: TaskSpec
+    train: list[Example]
+    eval: list[Example]
+
+
+# ---------------------------------------------------------------- specs
+
+def task_names() -> list[str]:
+    return sorted(p.stem for p in (configs_dir() / "tasks").glob("*.yaml"))
+
+
+def load_spec(task: str) -> TaskSpec:
+    """The spec for a task name or a task .yaml path (bare data files get theirs in load_task)."""
+    path = Path(task)
+    if path.suffix in (".yaml", ".yml"):
+        base = path.resolve().parent
+    else:
+        path = configs_dir() / "tasks" / f"{task}.yaml"
+        base = data_dir()
+        if not path.is_file():
+            raise UserError(f"unknown task '{task}'; use one of {', '.join(task_names())}, "
+                            "a task .yaml, or a .jsonl/.csv file with fields text,label")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"task file {path} not found; check the path") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML; fix the file") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a task spec must be a mapping; see configs/tasks/demo.yaml")
+    missing = [k for k in ("labels", "primer", "prompt") if k not in raw]
+    if missing or not raw.get("dataset") and not raw.get("files"):
+        need = missing or ["dataset or files"]
+        raise UserError(f"{path}: missing {', '.join(need)}; see configs/tasks/demo.yaml for the fields")
+    if "{text}" not in raw["prompt"]:
+        raise UserError(f"{path}: prompt must contain {{text}} (where the example's text goes)")
+    known = {f.name for f in TaskSpec.__dataclass_fields__.values()} - {"name"}
+    unknown = set(raw) - known
+    if unknown:
+        raise UserError(f"{path}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    raw["labels"] = tuple(str(w) for w in raw["labels"])
+    raw["files"] = {split: str((base / f).resolve()) for split, f in (raw.get("files") or {}).items()}
+    raw["synonyms"] = {k: tuple(v) for k, v in (raw.get("synonyms") or {}).items()}
+    return TaskSpec(name=path.stem, **raw)
+
+
+def _file_spec(path: Path, labels: Sequence[str]) -> TaskSpec:
+    words = ", ".join(labels)
+    return TaskSpec(name=path.stem, labels=tuple(labels), primer="Label:", prompt=f"Text: {{text}}\nLabel ({words}):",
+                    files={"train": str(path)})
+
+
+# ---------------------------------------------------------------- examples
+
+def _rows(path: Path, text_field: str, label_field: str) -> Iterable[tuple[int, str, Any]]:
+    """(line number, text, raw label) from a JSONL or CSV file."""
+    if not path.is_file():
+        raise UserError(f"data file {path} not found; check the path (or regenerate the demo: python -m telepathy.demo_data)")
+    if path.suffix == ".csv":
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                yield reader.line_num, *_fields(row, path, reader.line_num, text_field, label_field)
+        return
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object with '{text_field}' and '{label_field}'")
+            yield lineno, *_fields(row, path, lineno, text_field, label_field)
+
+
+def _fields(row: dict, path: Path, lineno: int, text_field: str, label_field: str) -> tuple[str, Any]:
+    for name in (text_field, label_field):
+        if row.get(name) in (None, ""):
+            raise UserError(f"{path}:{lineno}: missing field '{name}'; every example needs '{text_field}' and '{label_field}'")
+    return str(row[text_field]), row[label_field]
+
+
+def _label_index(value: Any, labels: Sequence[str], where: str) -> int:
+    """A label word (case-insensitive) or a class index."""
+    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+        lowered = [w.lower() for w in labels]
+        if value.strip().lower() in lowered:
+            return lowered.index(value.strip().lower())
+    else:
+        try:
+            index = int(value)
+        except (TypeError, ValueError):
+            index = -1
+        if 0 <= index < len(labels):
+            return index
+    raise UserError(f"{where}: unknown label {value!r}; expected one of {', '.join(labels)} or an index 0..{len(labels) - 1}")
+
+
+def _read_file(path: Path, spec: TaskSpec) -> list[Example]:
+    return [Example(text, _label_index(label, spec.labels, f"{path}:{lineno}"))
+            for lineno, text, label in _rows(path, spec.text_field, spec.label_field)]
+
+
+def _read_hub(spec: TaskSpec, split: str) -> list[Example]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"task '{spec.name}' loads {spec.dataset} from the hub; pip install datasets") from None
+    try:
+        rows = datasets.load_dataset(spec.dataset, spec.config, split=split)
+    except Exception as e:  # network, auth, missing split: all end the run with the same advice
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"could not load {spec.dataset}{f'/{spec.config}' if spec.config else ''} split '{split}' "
+                        f"({first}); check network access and HF_HOME, or pass a local .jsonl/.csv task") from None
+    where = f"{spec.dataset}[{split}]"
+    return [Example(str(r[spec.text_field]), _label_index(r[spec.label_field], spec.labels, f"{where} row {i}"))
+            for i, r in enumerate(rows)]
+
+
+def _subset(examples: list[Example], n: int | None) -> list[Example]:
+    """n examples picked by a fixed shuffle (a sorted split's first n would be one class)."""
+    if n is None or n >= len(examples):
+        return examples
+    picked = sorted(random.Random(_SUBSET_SEED).sample(range(len(examples)), n))
+    return [examples[i] for i in picked]
+
+
+def _sibling_eval(path: Path) -> Path | None:
+    if path.stem != "train":
+        return None
+    for name in ("eval", "validation", "test"):
+        sibling = path.with_name(name + path.suffix)
+        if sibling.is_file():
+            return sibling
+    return None
+
+
+def _load_file_task(path: Path) -> tuple[TaskSpec, list[Example], list[Example]]:
+    eval_path = _sibling_eval(path)
+    rows = list(_rows(path, "text", "label"))
+    eval_rows = list(_rows(eval_path, "text", "label")) if eval_path else []
+    words = sorted({str(label) for _, _, label in rows + eval_rows},
+                   key=lambda w: (0, int(w)) if w.lstrip("-").isdigit() else (1, w))
+    if len(words) < 2:
+        raise UserError(f"{path}: found {len(words)} distinct label(s); a task needs at least 2")
+    spec = _file_spec(path, words)
+
+    def examples(rows_: list) -> list[Example]:
+        return [Example(text, words.index(str(label))) for _, text, label in rows_]
+
+    train = examples(rows)
+    if eval_path:
+        return spec, train, examples(eval_rows)
+    order = list(range(len(train)))
+    random.Random(_SUBSET_SEED).shuffle(order)
+    held = set(order[::10])
+    return spec, [e for i, e in enumerate(train) if i not in held], [e for i, e in enumerate(train) if i in held]
+
+
+def load_task(data_cfg: DataConfig) -> Task:
+    """The task's spec and its train/eval examples (limited to train_samples / eval_samples)."""
+    path = Path(data_cfg.task)
+    if path.suffix in _FILE_SUFFIXES:
+        spec, train, evaluation = _load_file_task(path)
+    else:
+        spec = load_spec(data_cfg.task)
+        if spec.files:
+            missing = [s for s in ("train", "eval") if s not in spec.files]
+            if missing:
+                raise UserError(f"task '{spec.name}': files needs a path for {', '.join(missing)}")
+            train, evaluation = (_read_file(Path(spec.files[s]), spec) for s in ("train", "eval"))
+        else:
+            train, evaluation = _read_hub(spec, spec.train_split), _read_hub(spec, spec.eval_split)
+    if not train or not evaluation:
+        raise UserError(f"task '{spec.name}' has an empty {'train' if not train else 'eval'} split; add examples")
+    return Task(spec, _subset(train, data_cfg.train_samples), _subset(evaluation, data_cfg.eval_samples))
+
+
+# ---------------------------------------------------------------- batches
+
+class Collator:
+    """Examples -> Batch, padded to the longest example in the batch (never to max_length).
+
+    Sender input: the task prompt around the text, with the tokenizer's own special tokens (BOS for
+    Llama/Mistral), truncated to max_length tokens by cutting the TEXT so the prompt's question survives.
+    Receiver: primer (with the receiver tokenizer's special tokens, i.e. BOS where it has one) and the
+    answer " {label}" + EOS, right-padded.
+    """
+
+    def __init__(self, spec: TaskSpec, sender_tok, receiver_tok, max_length: int, answer_length: int):
+        self.spec, self.sender_tok, self.receiver_tok, self.max_length = spec, sender_tok, receiver_tok, max_length
+        self.primer_ids = receiver_tok(spec.primer).input_ids
+        self.answers = [receiver_tok(spec.answer_text(i), add_special_tokens=False).input_ids + [receiver_tok.eos_token_id]
+                        for i in range(len(spec.labels))]
+        longest = max(self.answers, key=len)
+        if len(longest) > answer_length:
+            raise UserError(f"label '{spec.labels[self.answers.index(longest)]}' needs {len(longest)} answer tokens "
+                            f"(with EOS) but answer_length is {answer_length}; raise data.answer_length")
+        head, _, tail = spec.prompt.partition("{text}")
+        self._tail_ids = sender_tok(tail, add_special_tokens=False).input_ids
+        if len(self._tail_ids) >= max_length:
+            raise UserError(f"the prompt after {{text}} alone is {len(self._tail_ids)} tokens; raise max_length above it")
+
+    def sender_ids(self, text: str) -> list[int]:
+        ids = self.sender_tok(self.spec.sender_text(text)).input_ids
+        if len(ids) <= self.max_length:
+            return ids
+        head, _, _ = self.spec.prompt.partition("{text}")
+        body = self.sender_tok(head + text).input_ids[:self.max_length - len(self._tail_ids)]
+        return body + self._tail_ids
+
+    def sender_lengths(self, examples: Sequence[Example]) -> list[int]:
+        """Sender tokens per example after truncation (the length-grouping sampler's key)."""
+        return [len(self.sender_ids(e.text)) for e in examples]
+
+    def __call__(self, examples: Sequence[Example]):
+        import torch
+
+        from telepathy.step import Batch
+
+        sender = [self.sender_ids(e.text) for e in examples]
+        answers = [self.answers[e.label] for e in examples]
+        sender_ids, sender_mask = _pad(sender, self.sender_tok.pad_token_id)
+        answer_ids, answer_mask = _pad(answers, self.receiver_tok.pad_token_id)
+        primer = torch.tensor(self.primer_ids, dtype=torch.long).expand(len(examples), -1).contiguous()
+        return Batch(sender_ids=sender_ids, sender_mask=sender_mask, primer_ids=primer, answer_ids=answer_ids,
+                     answer_mask=answer_mask, labels=torch.tensor([e.label for e in examples], dtype=torch.long))
+
+
+def _pad(rows: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask

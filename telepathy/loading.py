@@ -1,0 +1,172 @@
+"""The one loader every code path uses: attention kernel, device placement, dtype, freezing, tokenizers,
+the generation config and memory readings.
+
+Models are frozen bf16. Registry entries with `weights: random` (scaled-down test architectures) are built
+from their registry shape with a seeded, name-keyed init, so every process and every truncation of a model
+holds identical weights; real models come from `from_pretrained` (hub id or local directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+
+import torch
+from torch import nn
+
+from telepathy.registry import ModelSpec, build_hf_config
+
+log = logging.getLogger(__name__)
+
+SHARDED_BACKENDS = ("fsdp", "deepspeed")
+INIT_STD = 0.02  # transformers' initializer_range default for Llama/Qwen2/Mistral
+# Vocabulary matrices get unit-norm rows (std 1/sqrt(hidden)) instead: at 0.02 a tiny model's logits span
+# ~0.2, so it can never prefer one token, and nothing trained through it can learn to answer.
+_VOCAB_MATRICES = ("embed_tokens.weight", "lm_head.weight")
+_attention_logged = False
+
+
+def select_attention(device: torch.device) -> tuple[str, str]:
+    """The attention implementation for models on `device`, and why (logged once per process)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if device.type == "cuda" and torch.cuda.is_available() and is_flash_attn_2_available():
+        choice = ("flash_attention_2", "flash-attn is installed and CUDA is available")
+    elif device.type == "cuda" and torch.cuda.is_available():
+        choice = ("sdpa", "flash-attn not installed; SDPA dispatches PyTorch's built-in flash kernel on CUDA bf16")
+    else:
+        choice = ("sdpa", f"no CUDA device ({device.type}); flash-attn needs one")
+    global _attention_logged
+    if not _attention_logged:
+        log.info("attention: %s (%s)", *choice)
+        _attention_logged = True
+    return choice
+
+
+def device_for(local_rank: int | None) -> torch.device:
+    """This process's device: its torchrun GPU, cuda:0 for a single process, or the CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank or 0)
+
+
+def load_device(device: torch.device, backend: str) -> torch.device:
+    """Where frozen weights are loaded. Replicated (DDP) models go straight to this rank's device. Sharded
+    backends (FSDP2, DeepSpeed ZeRO-3) load onto the CPU: wrapping then moves one layer at a time to the
+    GPU and keeps only this rank's shard there, so no GPU ever holds a whole frozen model."""
+    return torch.device("cpu") if backend in SHARDED_BACKENDS else torch.device(device)
+
+
+def device_map_for(local_rank: int | None, backend: str) -> dict[str, int | str]:
+    """`device_map` for from_pretrained under torchrun (DDP: {"": local_rank}), a single process
+    ({"": "cuda:0"}) or sharded backends / no CUDA ({"": "cpu"}; never {"": 0} without CUDA: it raises)."""
+    if load_device(device_for(local_rank), backend).type == "cpu":
+        return {"": "cpu"}
+    return {"": local_rank} if local_rank is not None else {"": "cuda:0"}
+
+
+def local_rank_from_env() -> int | None:
+    """torchrun's LOCAL_RANK, or None for a plain process."""
+    value = os.environ.get("LOCAL_RANK")
+    return int(value) if value is not None else None
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer with an explicit pad token (EOS when it has none) and right padding
+    (training batches; code that batches generation switches to left padding itself)."""
+    if spec.weights == "random":
+        from telepathy.tokenizers import wheel_tokenizer
+
+        tok = wheel_tokenizer(spec.tokenizer or "")
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(spec.source)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _model_class(spec: ModelSpec, body: bool):
+    import transformers
+
+    # LlamaForCausalLM -> LlamaModel: the body without the LM head.
+    return getattr(transformers, spec.hf_class.replace("ForCausalLM", "Model") if body else spec.hf_class)
+
+
+def seeded_init_(model: nn.Module, seed: int, namespace: str = "") -> None:
+    """Initialise every parameter from a generator keyed by (seed, namespace, parameter name without the
+    `model.` prefix): the same seed gives the same weights in every process, a truncated body gets exactly
+    the first layers of the full model, and two architectures (namespaces) never share weights.
+    Same scheme as transformers' own init (normal(0, 0.02); norms 1, biases 0)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = f"{namespace}/{name.removeprefix('model.')}"
+            if p.dim() == 1:
+                p.fill_(1.0 if key.endswith("norm.weight") else 0.0)
+                continue
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+            std = p.shape[-1] ** -0.5 if key.endswith(_VOCAB_MATRICES) else INIT_STD
+            p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=g))
+
+
+def load_model(spec: ModelSpec, *, device: torch.device | str, attn_implementation: str,
+               num_layers: int | None = None, seed: int = 0, device_map: dict | None = None):
+    """A frozen bf16 model in eval mode.
+
+    Without `num_layers`: the full causal LM. With `num_layers=n`: only the body with its first n decoder
+    layers (no LM head, no later layers, final norm replaced by Identity unless n is all layers), whose
+    `last_hidden_state` equals the full model's `hidden_states[n]`. On the meta device the architecture is
+    built at full size with no weights (memory tracing). `device_map` overrides placement for real weights
+    (see device_map_for); by default the model goes to `device`.
+    """
+    device = torch.device(device)
+    body = num_layers is not None
+    if body and not 0 <= num_layers <= spec.layers:
+        raise ValueError(f"num_layers={num_layers} outside 0..{spec.layers} for {spec.alias}")
+    cls = _model_class(spec, body)
+    config = build_hf_config(spec, attn_implementation=attn_implementation, num_layers=num_layers)
+    if device.type == "meta":
+        with torch.device("meta"):
+            model = cls._from_config(config, dtype=torch.bfloat16)
+    elif spec.weights == "random":
+        model = cls._from_config(config, dtype=torch.bfloat16)
+        seeded_init_(model, seed, spec.arch_key)
+        model.to(device)
+    else:
+        from transformers import AutoConfig
+
+        # A fresh config truncated to the tap: from_pretrained then never materialises later layers.
+        hf_config = AutoConfig.from_pretrained(spec.source, attn_implementation=attn_implementation)
+        if body:
+            hf_config.num_hidden_layers = num_layers
+        model = cls.from_pretrained(spec.source, config=hf_config, dtype=torch.bfloat16,
+                                    device_map=device_map or {"": str(device)})
+    if body and num_layers < spec.layers:
+        # hidden_states[n] of the full model is the raw output of layer n-1; the final norm only
+        # applies after the last layer.
+        model.norm = nn.Identity()
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def generation_config(tokenizer, max_new_tokens: int):
+    """The one generation config every evaluation path uses: greedy, explicit pad/EOS ids."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.bos_token_id)
+
+
+def memory_report(device: torch.device) -> dict[str, float]:
+    """Peak memory in GiB: the CUDA allocator's maxima on a GPU, the process's resident set on the CPU."""
+    gib = 1024 ** 3
+    if device.type == "cuda":
+        return {"max_memory_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
+                "max_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / gib}
+    import psutil
+
+    return {"rss_gib": psutil.Process().memory_info().rss / gib}

@@ -1,0 +1,101 @@
+"""Training metrics (rank 0): one JSON line per record in `RUN/metrics.jsonl`, and a progress display.
+
+Every record goes through `MetricsWriter.write`, the single place to add another sink (e.g. TensorBoard).
+The progress display is a live bar with rate and ETA on a terminal and plain periodic lines otherwise
+(SLURM logs, pipes), where a redrawn bar would be noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsWriter:
+    """Appends records to metrics.jsonl; a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        from telepathy.tb import TensorBoardSink
+
+        self.path = Path(run_dir) / METRICS_FILE
+        self._f: TextIO | None = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", buffering=1)  # line-buffered: a killed job keeps every full line
+        self._tensorboard = TensorBoardSink(run_dir, enabled=enabled)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """One record (with "kind" and "step") to every sink."""
+        if self._f is not None:
+            self._f.write(json.dumps(record, default=_jsonable) + "\n")
+            self._tensorboard.write(record)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self._tensorboard.close()
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):  # tensors and numpy scalars
+        return x.item()
+    raise TypeError(f"cannot write {type(x).__name__} to metrics.jsonl")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """Shows step/total, rate and ETA; `every` is the step interval of plain lines (non-terminal)."""
+
+    def __init__(self, total: int, start: int = 0, every: int = 10, enabled: bool = True, stream: TextIO | None = None):
+        self.total, self.start, self.every, self.enabled = total, start, every, enabled
+        self.stream = stream or sys.stderr
+        self._t0 = time.monotonic()
+        self._bar: Any = None
+        if enabled and self.stream.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
+            from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(file=self.stream),
+            )
+            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._bar.start()
+
+    def update(self, step: int, info: str = "") -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=info)
+        elif step % self.every == 0 or step == self.total:
+            done = step - self.start
+            rate = done / max(time.monotonic() - self._t0, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else math.inf
+            print(f"step {step}/{self.total} {info} | {rate:.2f} steps/s, eta {format_duration(eta)}",
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

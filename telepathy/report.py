@@ -1,0 +1,392 @@
+"""Results people can look at: plots and tables from run folders, for one run or a sweep.
+
+One run (a folder with config.json): PNG plots of the loss, throughput and memory (the planner's prediction
+beside what was measured) from metrics.jsonl, and the evaluation table (Markdown + CSV) from eval.json.
+A sweep (a folder of run folders): one table with a row per configuration (the fields that differ between
+runs, seeds aside) and mean ± std over seeds for the bridge and every baseline, accuracy and latency, as the
+original paper's Table 1; a PNG of accuracy per configuration; and the runs that have no eval.json yet.
+
+Reads files only: no torch. matplotlib (Agg) is imported when a plot is drawn.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from telepathy.config import atomic_write_bytes, atomic_write_text
+from telepathy.errors import UserError
+from telepathy.metrics import read_metrics
+
+SCHEMA = 1
+FIGSIZE, DPI = (8.0, 4.5), 100  # every PNG is 800 x 450 pixels
+# Config fields that differ between runs without being a configuration choice.
+NOT_SWEPT = {"run_dir", "name", "train.seed", "predicted_peak_gib", "train.micro_batch", "train.grad_accum"}
+MEMORY_SUFFIX = "_gib"
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    plan: dict[str, Any] | None
+    metrics: list[dict[str, Any]]
+    eval: dict[str, Any] | None
+
+    @property
+    def seed(self) -> int | None:
+        return self.config.get("train", {}).get("seed")
+
+
+@dataclass
+class Report:
+    kind: str  # "run" or "sweep"
+    path: Path
+    written: list[Path] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # run folders with no eval.json yet
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "kind": self.kind, "path": str(self.path),
+                "written": [str(p) for p in self.written], "rows": self.rows, "missing": self.missing,
+                "notes": self.notes}
+
+
+# ---- reading run folders ----------------------------------------------------------------------------
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}); was it written by another tool?") from None
+
+
+def is_run(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def load_run(path: Path) -> Run:
+    return Run(path=path, config=_json(path / "config.json") or {}, plan=_json(path / "plan.json"),
+               metrics=read_metrics(path), eval=_json(path / "eval.json"))
+
+
+def find_runs(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if p.is_dir() and is_run(p))
+
+
+# ---- eval.json -> method rows -------------------------------------------------------------------------
+
+def method_results(ev: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{method: {"accuracy": %, "latency_ms": median ms or None, "unmatched": n}} for the bridge and each
+    baseline in an eval.json (telepathy/evaluate.py: accuracy as a fraction, latency per method)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, r in ev.get("methods", {}).items():
+        lat = ev.get("latency_ms", {}).get(name)
+        out[name] = {"accuracy": 100.0 * r["accuracy"], "latency_ms": lat["median"] if lat else None,
+                     "unmatched": r.get("unmatched")}
+    return out
+
+
+def eval_record(ev: dict[str, Any], step: int) -> dict[str, Any]:
+    """The metrics record of an evaluation (accuracy %, latency ms per method): what the trainer writes to
+    metrics.jsonl after eval.json, so TensorBoard shows it beside the training curves."""
+    res = method_results(ev)
+    return {"kind": "eval", "step": step, "accuracy": {m: r["accuracy"] for m, r in res.items()},
+            "latency_ms": {m: r["latency_ms"] for m, r in res.items() if r["latency_ms"] is not None}}
+
+
+# ---- statistics and tables ----------------------------------------------------------------------------
+
+def mean_std(values: list[float]) -> dict[str, float | int | None]:
+    """Mean and sample standard deviation (n - 1, as the paper's ± over seeds); std is None for one value."""
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def fmt(stat: dict[str, Any] | None, digits: int = 1) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    text = f"{stat['mean']:.{digits}f}"
+    return text if stat.get("std") is None else f"{text} ± {stat['std']:.{digits}f}"
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(["" if v is None else v for v in r] for r in rows)
+    return buf.getvalue()
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def swept_fields(configs: list[dict[str, Any]]) -> list[str]:
+    """Config fields (dotted) whose values differ between runs, seeds and bookkeeping aside."""
+    flats = [_flat(c) for c in configs]
+    keys = sorted({k for f in flats for k in f} - NOT_SWEPT)
+    return [k for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1]
+
+
+def _column(key: str) -> str:
+    return {"sender": "sender", "receiver": "receiver"}.get(key, key.rsplit(".", 1)[-1])
+
+
+# ---- plots --------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on compute nodes or in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], float(v)) for r in records if isinstance(v := _flat(r).get(key), (int, float))
+           and not isinstance(v, bool) and isinstance(r.get("step"), int)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _train_records(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in metrics if r.get("kind") == "train"]
+
+
+def plot_lines(path: Path, title: str, ylabel: str, series: dict[str, tuple[list[int], list[float]]],
+               right: tuple[str, list[int], list[float]] | None = None) -> Path:
+    """Lines against the step; `right` is one more series on a second y axis (a different unit)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
+    handles, labels = ax.get_legend_handles_labels()
+    if right is not None:
+        label, xs, ys = right
+        twin = ax.twinx()
+        twin.plot(xs, ys, color="tab:gray", linestyle=":", marker="." if len(xs) < 50 else None, label=label)
+        twin.set_ylabel(label)
+        h2, l2 = twin.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if handles:
+        ax.legend(handles, labels, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_memory(path: Path, title: str, measured: dict[str, dict[str, float]], predicted: float | None) -> Path:
+    """Bars of what was measured at each phase (after loading, after the first step), beside the
+    planner's predicted peak as a dashed line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    phases = list(measured)
+    keys = sorted({k for m in measured.values() for k in m})
+    width = 0.8 / max(len(keys), 1)
+    for i, k in enumerate(keys):
+        xs = [p + (i - (len(keys) - 1) / 2) * width for p in range(len(phases))]
+        ax.bar(xs, [measured[ph].get(k, math.nan) for ph in phases], width, label=f"measured {k}")
+    if predicted is not None:
+        ax.axhline(predicted, linestyle="--", color="tab:red", label=f"predicted peak (plan) {predicted:.2f} GiB")
+    top = max([v for m in measured.values() for v in m.values()] + [predicted or 0.0])
+    ax.set_ylim(0, top * 1.3 or 1.0)  # headroom for the legend
+    ax.set_xticks(range(len(phases)), phases)
+    ax.set(title=title, ylabel="GiB")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_bars(path: Path, title: str, ylabel: str, groups: list[str], methods: list[str],
+              stats: list[dict[str, dict[str, Any]]]) -> Path:
+    """Grouped bars: one group per configuration, one bar per method, error bars = std over seeds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        means = [s.get(m, {}).get("mean") for s in stats]
+        stds = [s.get(m, {}).get("std") or 0.0 for s in stats]
+        xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [v if v is not None else math.nan for v in means], width, yerr=stds, capsize=3, label=m)
+    ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+    ax.set(title=title, ylabel=ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---- one run ------------------------------------------------------------------------------------------
+
+def measured_memory(metrics: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{phase: {measurement: GiB}} from the trainer's memory records (the prediction itself aside)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in metrics:
+        if r.get("kind") == "memory":
+            values = {k: float(v) for k, v in r.items() if k.endswith(MEMORY_SUFFIX) and k != "predicted_peak_gib"
+                      and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if values:
+                out[str(r.get("phase", f"step {r.get('step')}"))] = values
+    return out
+
+
+def predicted_gib(run: Run) -> float | None:
+    """The planner's prediction as the run recorded it, else from its plan."""
+    for r in run.metrics:
+        if r.get("kind") == "memory" and r.get("predicted_peak_gib") is not None:
+            return float(r["predicted_peak_gib"])
+    if run.plan and run.plan.get("memory", {}).get("total_gib") is not None:
+        return float(run.plan["memory"]["total_gib"])
+    return run.config.get("predicted_peak_gib")
+
+
+def report_run(path: Path, out: Path) -> Report:
+    run = load_run(path)
+    rep = Report("run", path)
+    train = _train_records(run.metrics)
+    name = run.config.get("name", path.name)
+    if not train:
+        rep.notes.append("no training records in metrics.jsonl yet: no loss or throughput plot")
+    else:
+        losses = {k: _series(train, k) for k in ("loss", "lm_loss") if _series(train, k)[0]}
+        rep.written.append(plot_lines(out / "loss.png", f"{name}: training loss", "loss", losses))
+        tokens = _series(train, "tokens_per_s")
+        rep.written.append(plot_lines(out / "throughput.png", f"{name}: throughput", "samples / s",
+                                      {"samples/s": _series(train, "samples_per_s")},
+                                      ("sender tokens/s", *tokens) if tokens[0] else None))
+    measured = measured_memory(run.metrics)
+    if measured:
+        rep.written.append(plot_memory(out / "memory.png", f"{name}: memory, predicted vs measured",
+                                       measured, predicted_gib(run)))
+    else:
+        rep.notes.append("no memory records in metrics.jsonl yet: no memory plot")
+    if run.eval is None:
+        rep.missing.append(path.name)
+        rep.notes.append("no eval.json yet: no evaluation table")
+        return rep
+    for name, r in method_results(run.eval).items():
+        rep.rows.append({"method": name, **r})
+    n, labels = run.eval.get("n"), run.eval.get("labels") or []
+    title = f"task {run.eval.get('task')}: n={n}" + (f", chance {100 / len(labels):.1f}%" if labels else "")
+    rows = [[r["method"], _num(r["accuracy"]), str(r["unmatched"]), _num(r["latency_ms"])] for r in rep.rows]
+    atomic_write_text(out / "eval.md", f"{title}\n\n" + markdown(
+        ["method", "accuracy (%)", "unmatched", "latency (ms, median)"], rows))
+    atomic_write_text(out / "eval.csv", csv_text(["method", "accuracy", "unmatched", "latency_ms"],
+                                                [[r["method"], r["accuracy"], r["unmatched"], r["latency_ms"]]
+                                                 for r in rep.rows]))
+    rep.written += [out / "eval.md", out / "eval.csv"]
+    if run.eval.get("skipped"):
+        rep.notes.append(f"not evaluated: {', '.join(run.eval['skipped'])}")
+    return rep
+
+
+def _num(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+# ---- a sweep ------------------------------------------------------------------------------------------
+
+def sweep_rows(runs: list[Run]) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """(swept fields, methods, one row per configuration with mean/std over its seeds)."""
+    fields = swept_fields([r.config for r in runs])
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        flat = _flat(r.config)
+        groups.setdefault(json.dumps([flat.get(k) for k in fields]), []).append(r)
+    methods: list[str] = []
+    rows = []
+    for key, members in groups.items():
+        done = [m for m in members if m.eval is not None]
+        results = [method_results(m.eval) for m in done]  # type: ignore[arg-type]
+        for res in results:
+            methods += [m for m in res if m not in methods]
+        stats = {m: {metric: mean_std([x for res in results if (x := res.get(m, {}).get(metric)) is not None])
+                     for metric in ("accuracy", "latency_ms")} for m in methods}
+        rows.append({"config": dict(zip(fields, json.loads(key))), "seeds": sorted(s for m in done if (s := m.seed) is not None),
+                     "runs": [m.path.name for m in members], "pending": [m.path.name for m in members if m.eval is None],
+                     "methods": stats})
+    rows.sort(key=lambda row: [_order(v) for v in row["config"].values()])
+    for row in rows:  # methods first seen in a later group
+        for m in methods:
+            row["methods"].setdefault(m, {"accuracy": mean_std([]), "latency_ms": mean_std([])})
+    return fields, methods, rows
+
+
+def _order(value: Any) -> tuple[int, float, str]:
+    """Numbers in numeric order (K=8 before K=32), then everything else as text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+def report_sweep(path: Path, out: Path) -> Report:
+    runs = [load_run(p) for p in find_runs(path)]
+    if not runs:
+        raise UserError(f"{path} holds no run folders (folders with config.json); pass a run or sweep folder")
+    rep = Report("sweep", path)
+    rep.missing = [r.path.name for r in runs if r.eval is None]
+    fields, methods, rows = sweep_rows(runs)
+    rep.rows = rows
+    cols = [_column(f) for f in fields]
+    # Accuracy for every method; latency only where it was measured (evaluate.py times bridge and relay).
+    cells = [(m, "accuracy") for m in methods] + [(m, "latency_ms") for m in methods
+                                                  if any(row["methods"][m]["latency_ms"]["n"] for row in rows)]
+    unit = {"accuracy": "acc (%)", "latency_ms": "latency (ms)"}
+    header = cols + ["seeds"] + [f"{m} {unit[metric]}" for m, metric in cells]
+    md = [[str(row["config"][f]) for f in fields] + [str(len(row["seeds"]))]
+          + [fmt(row["methods"][m][metric]) for m, metric in cells] for row in rows]
+    csv_header = cols + ["n_seeds"] + [f"{m}_{metric}_{s}" for m, metric in cells for s in ("mean", "std")]
+    csv_rows = [[row["config"][f] for f in fields] + [len(row["seeds"])]
+                + [row["methods"][m][metric][s] for m, metric in cells for s in ("mean", "std")] for row in rows]
+    note = f"\n{len(rep.missing)} of {len(runs)} runs have no eval.json yet: {', '.join(rep.missing)}\n" if rep.missing else ""
+    atomic_write_text(out / "summary.md", markdown(header, md) + note)
+    atomic_write_text(out / "summary.csv", csv_text(csv_header, csv_rows))
+    rep.written += [out / "summary.md", out / "summary.csv"]
+    if methods and any(row["seeds"] for row in rows):
+        labels = [", ".join(f"{c}={row['config'][f]}" for c, f in zip(cols, fields)) or "all runs" for row in rows]
+        rep.written.append(plot_bars(out / "accuracy.png", f"{path.name}: accuracy (mean ± std over seeds)",
+                                     "accuracy (%)", labels, methods, [{m: row["methods"][m]["accuracy"] for m in methods}
+                                                                       for row in rows]))
+    return rep
+
+
+def report(path: str | Path, out: str | Path | None = None) -> Report:
+    """Report on a run folder or a sweep folder; files go to `out` (default PATH/report)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder; pass a run folder (with config.json) or a sweep folder of runs")
+    out = Path(out) if out else path / "report"
+    return report_run(path, out) if is_run(path) else report_sweep(path, out)

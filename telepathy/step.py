@@ -1,0 +1,209 @@
+"""The training step shared by the trainer, the memory tracer and the benchmark.
+
+Fast path (shared notes step-calibration.md): the sender is only its body up to the tapped layer (no later
+layers, no LM head, no output_hidden_states), batches are padded per batch, and the receiver's LM head runs
+only on the positions that predict answer tokens. tests/test_step.py checks that this equals the
+straightforward step (full sender with all hidden states, full-position logits, HF `labels`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from telepathy.bridge import Bridge, target_rms_of
+from telepathy.config import BridgeConfig, RunConfig
+from telepathy.errors import UserError
+from telepathy.loading import load_device, load_model, load_tokenizer, select_attention
+from telepathy.registry import ModelSpec, Pair
+
+
+@dataclass
+class Batch:
+    """One micro-batch. Receiver input is [primer, K soft tokens, answer]; the loss covers answer tokens
+    where answer_mask is 1 (the label word's tokens and the EOS). With the sender cache, sender_states
+    (B,S,d_S) replace sender_ids."""
+
+    sender_ids: torch.Tensor | None  # (B,S) long, right-padded to the batch's longest
+    sender_mask: torch.Tensor  # (B,S) 1 = real token
+    primer_ids: torch.Tensor  # (B,P) the task's receiver primer (same for every row)
+    answer_ids: torch.Tensor  # (B,A) " {label}" + EOS, right-padded
+    answer_mask: torch.Tensor  # (B,A)
+    sender_states: torch.Tensor | None = None  # (B,S,d_S) cached tapped-layer states
+    labels: torch.Tensor | None = None  # (B,) class index, for evaluation
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(**{f.name: (v.to(device, non_blocking=True) if isinstance(v := getattr(self, f.name), torch.Tensor)
+                                 else v) for f in dataclasses.fields(self)})
+
+    def __len__(self) -> int:
+        return self.sender_mask.size(0)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # what backward() is called on: lm_loss + diversity_weight * diversity
+    lm_loss: torch.Tensor  # mean CE over real answer tokens (detached)
+    diversity: torch.Tensor  # mean off-diagonal cosine similarity of soft tokens in the batch (detached)
+    n_tokens: torch.Tensor  # real answer tokens in the batch (for token-weighted averaging)
+
+
+def batch_diversity(soft: torch.Tensor) -> torch.Tensor:
+    """Mean off-diagonal cosine similarity of the flattened soft tokens across the batch (the original's
+    anti-collapse term: identical soft tokens for every input give 1). 0 for a batch of one."""
+    b = soft.size(0)
+    if b < 2:
+        return soft.new_zeros((), dtype=torch.float32)
+    flat = F.normalize(soft.float().reshape(b, -1), dim=-1)
+    sim = flat @ flat.T
+    return (sim.sum() - sim.diagonal().sum()) / (b * (b - 1))
+
+
+class ReceiverWithHead(nn.Module):
+    """The frozen receiver as one module whose forward does the whole receiver side: embedding lookup,
+    [primer, soft, answer] layout, the decoder, and the LM head on answer-predicting positions only.
+    The embedding lookup must happen inside this forward: under FSDP2 the embedding is sharded with this
+    module and is only unsharded during its forward (cpu-torch-stack.md §4)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def prefix_embeds(self, primer_ids: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        """[primer, soft] as receiver input embeddings: the layout training and evaluation share."""
+        primer = self.lm.get_input_embeddings()(primer_ids)
+        return torch.cat([primer, soft.to(primer.dtype)], dim=1)
+
+    def forward(self, primer_ids: torch.Tensor, soft: torch.Tensor, answer_ids: torch.Tensor,
+                answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix = self.prefix_embeds(primer_ids, soft)
+        embeds = torch.cat([prefix, self.lm.get_input_embeddings()(answer_ids)], dim=1)
+        b, p, a = prefix.size(0), prefix.size(1), answer_ids.size(1)
+        mask = torch.cat([answer_mask.new_ones(b, p), answer_mask], dim=1)
+        hidden = self.lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        # Position t predicts token t+1: answer token j is predicted at p-1+j. Reshape to 2-D before the
+        # head: a 3-D strided slice makes the CPU matmul expand the weight (step-calibration.md pitfall).
+        h = hidden[:, p - 1:p - 1 + a].reshape(b * a, -1)
+        logits = self.lm.lm_head(h).float()
+        ce = F.cross_entropy(logits, answer_ids.reshape(-1), reduction="none")
+        weights = answer_mask.reshape(-1).to(ce.dtype)
+        n_tokens = weights.sum()
+        return (ce * weights).sum() / n_tokens.clamp(min=1), n_tokens
+
+
+class TelepathyModel(nn.Module):
+    """Frozen sender body (up to the tap) -> trainable bridge -> frozen receiver. Only the bridge trains.
+    `sender` is None when batches carry cached sender states."""
+
+    def __init__(self, sender: nn.Module | None, bridge: Bridge, receiver: ReceiverWithHead,
+                 diversity_weight: float):
+        super().__init__()
+        self.sender = sender
+        self.bridge = bridge
+        self.receiver = receiver
+        self.diversity_weight = diversity_weight
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.bridge.parameters())
+
+    def receiver_layers(self) -> list[nn.Module]:
+        """The receiver's decoder layers (the FSDP2 sharding units; the wrapper is sharded last, as root)."""
+        return list(self.receiver.lm.model.layers)
+
+    def sender_layers(self) -> list[nn.Module]:
+        return list(self.sender.layers) if self.sender is not None else []
+
+    def train(self, mode: bool = True) -> "TelepathyModel":
+        """Only the bridge switches mode: the frozen models stay in eval (no dropout, no HF training paths)."""
+        super().train(mode)
+        for frozen in (self.sender, self.receiver):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    def encode(self, batch: Batch) -> torch.Tensor:
+        """Soft tokens (B,K,d_R) for a batch: sender (no grad) then bridge."""
+        if batch.sender_states is not None:
+            states = batch.sender_states
+        else:
+            if self.sender is None:
+                raise ValueError("batch has no sender_states and the model has no sender")
+            with torch.no_grad():
+                states = self.sender(input_ids=batch.sender_ids, attention_mask=batch.sender_mask,
+                                     use_cache=False).last_hidden_state
+        return self.bridge(states, batch.sender_mask)
+
+    def forward(self, batch: Batch) -> StepOutput:
+        soft = self.encode(batch)
+        lm_loss, n_tokens = self.receiver(batch.primer_ids, soft, batch.answer_ids, batch.answer_mask)
+        diversity = batch_diversity(soft)
+        loss = lm_loss + self.diversity_weight * diversity
+        return StepOutput(loss=loss, lm_loss=lm_loss.detach(), diversity=diversity.detach(), n_tokens=n_tokens)
+
+
+def source_layer(cfg: BridgeConfig, sender: ModelSpec) -> int:
+    """The tapped layer as an index into HF `hidden_states` (0 = embeddings); None -> layers - 1."""
+    layer = sender.layers - 1 if cfg.source_layer is None else cfg.source_layer
+    if not 0 <= layer <= sender.layers:
+        raise UserError(f"source_layer {layer} is outside 0..{sender.layers} for {sender.alias}; "
+                        f"pick a hidden_states index of the sender (default {sender.layers - 1})")
+    return layer
+
+
+def _shared_body(lm: nn.Module, spec: ModelSpec, num_layers: int, attn: str) -> nn.Module:
+    """For a single-model pair: a sender body that reuses the receiver's embedding, first layers and rotary
+    table instead of a second copy of the weights (Pair.frozen_params counts one copy)."""
+    body = load_model(spec, device="meta", attn_implementation=attn, num_layers=num_layers)
+    decoder = lm.model
+    body.embed_tokens = decoder.embed_tokens
+    body.layers = nn.ModuleList(list(decoder.layers)[:num_layers])
+    body.rotary_emb = decoder.rotary_emb
+    body.norm = decoder.norm if num_layers == spec.layers else nn.Identity()
+    return body
+
+
+def _checkpoint_layers(lm: nn.Module) -> None:
+    """Activation checkpointing on the receiver's decoder layers (non-reentrant; works in eval mode and
+    composes with FSDP2 when applied before sharding)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = lm.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer)
+
+
+def build_telepathy_model(cfg: RunConfig, pair: Pair, device: torch.device | str, *, meta: bool = False):
+    """(TelepathyModel, sender_tokenizer, receiver_tokenizer) for a run.
+
+    Frozen weights load through loading.py onto `load_device(device, backend)` (this rank's device for
+    DDP, the CPU for sharded backends); the bridge is seeded by train.seed, so every rank starts equal.
+    `meta=True` builds everything at full size on the meta device with no weights and no tokenizers
+    (tokenizers are then None): the memory tracer materialises it under fake tensors.
+    """
+    device = torch.device("meta") if meta else torch.device(device)
+    attn, _ = select_attention(device)
+    place = device if meta else load_device(device, cfg.backend)
+    tap = source_layer(cfg.bridge, pair.sender)
+    lm = load_model(pair.receiver, device=place, attn_implementation=attn)
+    if cfg.train.sender_cache:
+        sender = None
+    elif pair.single:
+        sender = _shared_body(lm, pair.sender, tap, attn)
+    else:
+        sender = load_model(pair.sender, device=place, attn_implementation=attn, num_layers=tap)
+    if cfg.train.activation_checkpointing:
+        _checkpoint_layers(lm)
+    target_rms = 1.0 if meta else target_rms_of(lm)
+    # Initialised on the CPU (or meta) from train.seed, then moved: the same bridge on every rank and device.
+    with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
+        torch.manual_seed(cfg.train.seed)
+        bridge = Bridge(cfg.bridge, pair.sender.hidden, pair.receiver.hidden, target_rms)
+    bridge = bridge.to(device=place, dtype=getattr(torch, cfg.train.bridge_dtype))
+    model = TelepathyModel(sender, bridge, ReceiverWithHead(lm), cfg.bridge.diversity_weight)
+    if meta:
+        return model, None, None
+    return model, load_tokenizer(pair.sender), load_tokenizer(pair.receiver)

@@ -1,0 +1,169 @@
+"""The training step: the fast path equals the straightforward step; the model's parts behave."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from telepathy.config import BridgeConfig, DataConfig, RunConfig, TrainConfig
+from telepathy.data import Collator, load_task
+from telepathy.registry import load_registry
+from telepathy.step import Batch, batch_diversity, build_telepathy_model, source_layer
+
+REG = load_registry()
+
+
+def _cfg(pair: str, **train) -> RunConfig:
+    p = REG.pair(pair)
+    return RunConfig(sender=p.sender.alias, receiver=p.receiver.alias, run_dir="unused",
+                     bridge=BridgeConfig(soft_tokens=4, depth=2, heads=4),
+                     train=TrainConfig(**train), data=DataConfig(task="demo", max_length=48))
+
+
+@pytest.fixture(scope="module")
+def built():
+    cfg = _cfg("tiny-llama-tiny-qwen")
+    model, stok, rtok = build_telepathy_model(cfg, REG.pair("tiny-llama-tiny-qwen"), "cpu")
+    task = load_task(cfg.data)
+    collate = Collator(task.spec, stok, rtok, cfg.data.max_length, cfg.data.answer_length)
+    return cfg, model, collate, task
+
+
+def _straightforward_loss(cfg, model, full_sender, batch: Batch, pad_to: int) -> torch.Tensor:
+    """The original's step: sender padded to max_length with ALL hidden states, full-position receiver
+    logits and HF's own `labels` loss."""
+    b, s = batch.sender_ids.shape
+    ids = F.pad(batch.sender_ids, (0, pad_to - s), value=0)
+    mask = F.pad(batch.sender_mask, (0, pad_to - s), value=0)
+    with torch.no_grad():
+        states = full_sender(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    soft = model.bridge(states[source_layer(cfg.bridge, REG.get(cfg.sender))], mask)
+    lm = model.receiver.lm
+    emb = lm.get_input_embeddings()
+    prefix = torch.cat([emb(batch.primer_ids), soft.to(emb.weight.dtype)], 1)
+    embeds = torch.cat([prefix, emb(batch.answer_ids)], 1)
+    attn = torch.cat([torch.ones(b, prefix.size(1), dtype=torch.long), batch.answer_mask], 1)
+    labels = torch.cat([torch.full((b, prefix.size(1)), -100), batch.answer_ids.masked_fill(batch.answer_mask == 0, -100)], 1)
+    return lm(inputs_embeds=embeds, attention_mask=attn, labels=labels).loss
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fast_path_equals_straightforward_step(built, dtype, tol):
+    from telepathy.loading import load_model
+
+    cfg, model, collate, task = built
+    full = load_model(REG.get(cfg.sender), device="cpu", attn_implementation="sdpa")
+    if dtype == torch.float32:  # fresh copies: casting bf16 -> fp32 -> bf16 would round the rotary tables
+        model, _, _ = build_telepathy_model(cfg, REG.pair("tiny-llama-tiny-qwen"), "cpu")
+        model, full = model.float(), full.float()
+    batch = collate(task.train[:6])
+    assert batch.sender_ids.size(1) < cfg.data.max_length  # per-batch padding is in play
+    fast = model(batch).lm_loss
+    slow = _straightforward_loss(cfg, model, full, batch, cfg.data.max_length)
+    assert fast.dtype == torch.float32
+    assert abs(fast.item() - slow.item()) <= tol * max(1.0, abs(slow.item())), (fast.item(), slow.item())
+
+
+def test_truncated_sender_equals_hidden_state_at_tap(built):
+    from telepathy.loading import load_model
+
+    cfg, model, collate, task = built
+    batch = collate(task.train[:3])
+    full = load_model(REG.get(cfg.sender), device="cpu", attn_implementation="sdpa")
+    want = full(input_ids=batch.sender_ids, attention_mask=batch.sender_mask, output_hidden_states=True).hidden_states
+    got = model.sender(input_ids=batch.sender_ids, attention_mask=batch.sender_mask).last_hidden_state
+    tap = source_layer(cfg.bridge, REG.get(cfg.sender))
+    assert len(model.sender.layers) == tap and tap == REG.get(cfg.sender).layers - 1
+    assert torch.equal(got, want[tap])
+    assert not hasattr(model.sender, "lm_head")
+
+
+def test_only_bridge_trains_and_gets_gradients(built):
+    cfg, model, collate, task = built
+    model.train()
+    assert not model.receiver.lm.training and not model.sender.training and model.bridge.training
+    out = model(collate(task.train[:4]))
+    out.loss.backward()
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable_parameters())
+    assert all(p.grad is None for p in model.receiver.parameters())
+    assert out.n_tokens.item() == collate(task.train[:4]).answer_mask.sum().item()
+    torch.testing.assert_close(out.loss.detach(), out.lm_loss + cfg.bridge.diversity_weight * out.diversity)
+    model.zero_grad(set_to_none=True)
+
+
+def test_cached_sender_states_give_the_same_loss(built):
+    cfg, model, collate, task = built
+    batch = collate(task.train[:4])
+    with torch.no_grad():
+        states = model.sender(input_ids=batch.sender_ids, attention_mask=batch.sender_mask).last_hidden_state
+        cached = dataclasses.replace(batch, sender_ids=None, sender_states=states)
+        assert torch.equal(model(batch).loss, model(cached).loss)
+
+
+def test_batch_diversity():
+    same = torch.ones(3, 2, 4)
+    assert batch_diversity(same).item() == pytest.approx(1.0)
+    orthogonal = torch.eye(4).reshape(4, 1, 4)
+    assert batch_diversity(orthogonal).item() == pytest.approx(0.0)
+    assert batch_diversity(torch.randn(1, 2, 4)).item() == 0.0
+
+
+def test_same_seed_same_bridge_other_seed_differs():
+    pair = REG.pair("tiny-mistral-tiny-llama")
+    a, _, _ = build_telepathy_model(_cfg("tiny-mistral-tiny-llama", seed=1), pair, "cpu")
+    b, _, _ = build_telepathy_model(_cfg("tiny-mistral-tiny-llama", seed=1), pair, "cpu")
+    c, _, _ = build_telepathy_model(_cfg("tiny-mistral-tiny-llama", seed=2), pair, "cpu")
+    sa, sb, sc = (m.bridge.state_dict() for m in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["latents"], sc["latents"])
+    assert torch.equal(a.receiver.lm.lm_head.weight, b.receiver.lm.lm_head.weight)
+
+
+def test_activation_checkpointing_keeps_the_gradients(built):
+    cfg, model, collate, task = built
+    batch = collate(task.train[:4])
+    pair = REG.pair("tiny-llama-tiny-qwen")
+    ckpt, _, _ = build_telepathy_model(_cfg("tiny-llama-tiny-qwen", activation_checkpointing=True), pair, "cpu")
+    grads = []
+    for m in (model, ckpt):
+        m.zero_grad(set_to_none=True)
+        m(batch).loss.backward()
+        grads.append(m.bridge.latents.grad.clone())
+        m.zero_grad(set_to_none=True)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_single_model_pair_shares_the_weights():
+    model, stok, rtok = build_telepathy_model(_cfg("tiny-llama"), REG.pair("tiny-llama"), "cpu")
+    lm = model.receiver.lm
+    assert model.sender.embed_tokens is lm.model.embed_tokens
+    assert all(a is b for a, b in zip(model.sender.layers, lm.model.layers))
+    assert len(model.sender.layers) == REG.get("tiny-llama").layers - 1
+    stored = {p.data_ptr() for p in model.parameters()}
+    assert len(stored) == len({p.data_ptr() for p in lm.parameters()} | {p.data_ptr() for p in model.bridge.parameters()})
+
+
+def test_meta_build_is_full_size_and_weightless():
+    pair = REG.pair("llama8b-qwen7b")
+    cfg = RunConfig(sender="llama8b", receiver="qwen7b", run_dir="unused")
+    model, stok, rtok = build_telepathy_model(cfg, pair, "cpu", meta=True)
+    assert stok is None and rtok is None
+    assert all(p.is_meta for p in model.parameters())
+    counts = pair.sender.param_counts()
+    sender = sum(p.numel() for p in model.sender.parameters())
+    assert sender == counts["embed"] + counts["layer"] * (pair.sender.layers - 1)
+    assert sum(p.numel() for p in model.receiver.parameters()) == pair.receiver.n_params
+    assert model.bridge.latents.dtype == torch.bfloat16
+
+
+def test_source_layer_bounds():
+    from telepathy.errors import UserError
+
+    spec = REG.get("tiny-llama")
+    assert source_layer(BridgeConfig(), spec) == spec.layers - 1
+    assert source_layer(BridgeConfig(source_layer=2), spec) == 2
+    with pytest.raises(UserError, match="source_layer"):
+        source_layer(BridgeConfig(source_layer=spec.layers + 1), spec)
