@@ -20,9 +20,8 @@ def register(sub) -> None:
 def resolve(path: str, runs_dir: str | None) -> Path:
     """A path as given, or else a name under the runs folder (`launch report demo-2026...`)."""
     given = Path(path)
-    if given.exists() or given.is_absolute():
-        return given
-    return runs_root(runs_dir) / path
+    named = runs_root(runs_dir) / path
+    return named if not given.exists() and not given.is_absolute() and named.exists() else given
 
 
 def handle(args) -> int:
@@ -37,7 +36,8 @@ def handle(args) -> int:
     for note in rep.notes:
         print(f"note: {note}")
     if rep.kind == "sweep" and rep.missing:
-        print(f"missing: {len(rep.missing)} run(s) have no eval.json yet: {', '.join(rep.missing)}")
+        print(f"missing: {len(rep.missing)} run(s) have no eval.json yet: "
+              + ", ".join(f"{name} ({state})" for name, state in rep.states.items()))
     if rep.kind == "sweep" and rep.written:
         print()
         print(rep.written[0].read_text(), end="")

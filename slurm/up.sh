@@ -46,6 +46,8 @@ fi
 mkdir -p "$LAB"/{etc,state,log,run,dev,munge,spool}
 exec 9>"$LAB/.lock"
 flock 9     # two test sessions starting the cluster at once must not race
+# Daemons must not inherit the lock's descriptor, or they would hold the lock for ever.
+daemon() { "$@" 9>&-; }
 
 # ---------- 1. packages (only what is missing) ----------
 pkgs=()
@@ -106,9 +108,10 @@ for i in $(seq 1 "$NODES"); do
   NODELIST+="${NODELIST:+,}n$i"
 done
 NODE_LINES=${NODE_LINES%$'\n'}
-render "$HERE/templates/slurm.conf.in" | put "$LAB/etc/slurm.conf" 644
-render "$HERE/templates/slurmdbd.conf.in" | put "$LAB/etc/slurmdbd.conf" 600
-{
+# (put runs in this shell, never at the end of a pipe: it must be able to set `changed`)
+put "$LAB/etc/slurm.conf" 644 < <(render "$HERE/templates/slurm.conf.in")
+put "$LAB/etc/slurmdbd.conf" 600 < <(render "$HERE/templates/slurmdbd.conf.in")
+gres_conf() {
   echo "AutoDetect=off"
   for i in $(seq 1 "$NODES"); do
     mkdir -p "$LAB/dev/n$i"
@@ -117,8 +120,9 @@ render "$HERE/templates/slurmdbd.conf.in" | put "$LAB/etc/slurmdbd.conf" 600
     done
     echo "NodeName=n$i Name=gpu File=$LAB/dev/n$i/nvidia[0-$((GPUS - 1))]"
   done
-} | put "$LAB/etc/gres.conf" 644
-echo "export SLURM_CONF=$SLURM_CONF" | put "$LAB/env.sh" 644
+}
+put "$LAB/etc/gres.conf" 644 < <(gres_conf)
+put "$LAB/env.sh" 644 <<<"export SLURM_CONF=$SLURM_CONF"
 
 # Jobs rendezvous on the first node's *name*, so n1..nN must resolve (here: to this machine).
 for i in $(seq 1 "$NODES"); do
@@ -139,7 +143,7 @@ waitfor() { # waitfor SECONDS CMD...
 if [ "$AUTH" = munge ] && ! alive "$LAB/run/munged.pid"; then
   [ -s "$LAB/munge/munge.key" ] || { head -c 1024 /dev/urandom >"$LAB/munge/munge.key"; chmod 400 "$LAB/munge/munge.key"; }
   log "starting munged"
-  munged --force --key-file="$LAB/munge/munge.key" --socket="$LAB/run/munge.sock" \
+  daemon munged --force --key-file="$LAB/munge/munge.key" --socket="$LAB/run/munge.sock" \
     --pid-file="$LAB/run/munged.pid" --log-file="$LAB/log/munged.log" --seed-file="$LAB/munge/munged.seed"
   waitfor 10 test -S "$LAB/run/munge.sock"
 fi
@@ -153,7 +157,7 @@ if ! alive "$LAB/run/mysqld.pid"; then
   nohup mariadbd --no-defaults --datadir="$LAB/mysql" --user=root --port="$DB_PORT" \
     --bind-address=127.0.0.1 --socket="$LAB/run/mysqld.sock" --pid-file="$LAB/run/mysqld.pid" \
     --log-error="$LAB/log/mariadb.log" --innodb-buffer-pool-size=64M \
-    --innodb-lock-wait-timeout=900 >/dev/null 2>&1 &
+    --innodb-lock-wait-timeout=900 >/dev/null 2>&1 9>&- &
   waitfor 60 mariadb --no-defaults -uroot --socket="$LAB/run/mysqld.sock" -e 'select 1'
   waitfor 10 test -s "$LAB/run/mysqld.pid"
   mariadb --no-defaults -uroot --socket="$LAB/run/mysqld.sock" -e "
@@ -164,20 +168,20 @@ if ! alive "$LAB/run/mysqld.pid"; then
 fi
 if ! alive "$LAB/run/slurmdbd.pid"; then
   log "starting slurmdbd"
-  slurmdbd   # finds slurmdbd.conf next to $SLURM_CONF
+  daemon slurmdbd   # finds slurmdbd.conf next to $SLURM_CONF
   waitfor 60 sacctmgr -n list cluster || { tail -n 20 "$LAB/log/slurmdbd.log" >&2; exit 1; }
 fi
 sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
 if ! alive "$LAB/run/slurmctld.pid"; then
   log "starting slurmctld"
-  slurmctld -f "$SLURM_CONF"
+  daemon slurmctld -f "$SLURM_CONF"
   waitfor 30 sinfo -h || { tail -n 20 "$LAB/log/slurmctld.log" >&2; exit 1; }
 fi
 for i in $(seq 1 "$NODES"); do
   if ! alive "$LAB/run/slurmd-n$i.pid"; then
     mkdir -p "$LAB/spool/n$i"
     log "starting slurmd -N n$i"
-    slurmd -f "$SLURM_CONF" -N "n$i"
+    daemon slurmd -f "$SLURM_CONF" -N "n$i"
   fi
 done
 for _ in $(seq 150); do nodes_ready && break; sleep 0.2; done

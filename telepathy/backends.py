@@ -140,8 +140,10 @@ class Wrapped:
 
     # ------------------------------------------------------------------ after training
 
-    def local_model(self, bridge_state: dict[str, torch.Tensor], rebuild: Callable[[], TelepathyModel]) -> TelepathyModel:
-        """A model rank 0 can run alone (evaluation while the others wait): no collectives inside."""
+    def local_model(self, bridge_state: dict[str, torch.Tensor],
+                    rebuild: Callable[[], TelepathyModel]) -> TelepathyModel:
+        """A model rank 0 runs alone after the process group is closed (evaluation): no collectives inside.
+        `rebuild()` loads a fresh unsharded model, for backends whose frozen weights are sharded."""
         self.model.bridge = self.bridge
         return self.model
 
@@ -261,6 +263,7 @@ class DeepSpeedWrapped(Wrapped):
                 else contextlib.nullcontext():
             if not dist.is_initialized() or dist.get_rank() == 0 or not self._zero3:
                 self.bridge.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+        self.optimizer.refresh_fp32_params()  # ZeRO keeps its own fp32 copy: refill it from the loaded weights
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         return False
 

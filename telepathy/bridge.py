@@ -51,7 +51,8 @@ class Bridge(nn.Module):
         self.input_norm = nn.LayerNorm(src_dim)
         self.input_proj = nn.Linear(src_dim, tgt_dim) if src_dim != tgt_dim else nn.Identity()
         self.blocks = nn.ModuleList(_Block(tgt_dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.output_scale = nn.Parameter(torch.tensor(float(target_rms)))
+        # Shape (1,), not a 0-d scalar: FSDP2 cannot shard scalar parameters.
+        self.output_scale = nn.Parameter(torch.tensor([float(target_rms)]))
 
     def forward(self, src_states: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         dtype = self.latents.dtype

@@ -171,7 +171,7 @@ def _check(path: Path, key: CacheKey) -> tuple[dict | None, str]:
         return None, "missing" if not path.exists() else "no manifest (partial)"
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None, "unreadable manifest"
-    if manifest.get("key") != key.to_dict():
+    if manifest.get("key") != json.loads(json.dumps(key.to_dict())):  # as stored (tuples become lists)
         return None, "manifest is for another key"
     for s in manifest.get("shards", []):
         f = path / s["file"]

@@ -192,7 +192,8 @@ class Checkpoint:
         return json.loads((self.path / STATE).read_text())
 
     def bridge(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path / BRIDGE))
+        # safetensors maps the file into memory: copy, so the tensors never change with the file
+        return {k: v.clone() for k, v in load_file(str(self.path / BRIDGE)).items()}
 
     def optimizer(self) -> dict[str, Any] | None:
         p = self.path / OPTIMIZER

@@ -118,6 +118,10 @@ def load_spec(task: str) -> TaskSpec:
     unknown = set(raw) - known
     if unknown:
         raise UserError(f"{path}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    if not isinstance(raw["labels"], list) or len(raw["labels"]) < 2:
+        raise UserError(f"{path}: labels must be a list of at least 2 label words")
+    if any(isinstance(w, bool) for w in raw["labels"]):  # YAML reads yes/no/on/off/true as booleans
+        raise UserError(f"{path}: a label parsed as a boolean; quote label words like 'yes' and 'no'")
     raw["labels"] = tuple(str(w) for w in raw["labels"])
     raw["files"] = {split: str((base / f).resolve()) for split, f in (raw.get("files") or {}).items()}
     raw["synonyms"] = {k: tuple(v) for k, v in (raw.get("synonyms") or {}).items()}
@@ -284,23 +288,28 @@ class Collator:
             raise UserError(f"the prompt after {{text}} alone is {len(self._tail_ids)} tokens; raise max_length above it")
 
     def sender_ids(self, text: str) -> list[int]:
-        ids = self.sender_tok(self.spec.sender_text(text)).input_ids
-        if len(ids) <= self.max_length:
-            return ids
+        return self.sender_batch([text])[0]
+
+    def sender_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Sender token ids per text (one batched tokenizer call), truncated to max_length."""
+        rows = self.sender_tok([self.spec.sender_text(t) for t in texts]).input_ids
         head, _, _ = self.spec.prompt.partition("{text}")
-        body = self.sender_tok(head + text).input_ids[:self.max_length - len(self._tail_ids)]
-        return body + self._tail_ids
+        return [ids if len(ids) <= self.max_length
+                else self.sender_tok(head + text).input_ids[:self.max_length - len(self._tail_ids)] + self._tail_ids
+                for ids, text in zip(rows, texts)]
 
     def sender_lengths(self, examples: Sequence[Example]) -> list[int]:
-        """Sender tokens per example after truncation (the length-grouping sampler's key)."""
-        return [len(self.sender_ids(e.text)) for e in examples]
+        """Sender tokens per example after truncation (the length-grouping sampler's key). Truncation
+        always lands on exactly max_length, so no truncated ids need building."""
+        rows = self.sender_tok([self.spec.sender_text(e.text) for e in examples]).input_ids
+        return [min(len(ids), self.max_length) for ids in rows]
 
     def __call__(self, examples: Sequence[Example]):
         import torch
 
         from telepathy.step import Batch
 
-        sender = [self.sender_ids(e.text) for e in examples]
+        sender = self.sender_batch([e.text for e in examples])
         answers = [self.answers[e.label] for e in examples]
         sender_ids, sender_mask = _pad(sender, self.sender_tok.pad_token_id)
         answer_ids, answer_mask = _pad(answers, self.receiver_tok.pad_token_id)

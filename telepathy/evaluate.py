@@ -25,7 +25,8 @@ from torch import nn
 
 from telepathy.config import DataConfig, EvalConfig
 from telepathy.data import Collator, Example, Task
-from telepathy.loading import generation_config
+from telepathy.loading import generation_config, load_model, select_attention
+from telepathy.registry import Pair
 from telepathy.step import TelepathyModel
 
 RELAY_PROMPT = "Summarize this in one sentence:\n\n{text}\n\nSummary:"
@@ -62,6 +63,7 @@ class _Evaluator:
         self.sender_tok, self.receiver_tok = tokenizers
         self.collate = Collator(task.spec, self.sender_tok, self.receiver_tok, data_cfg.max_length, data_cfg.answer_length)
         self.lm = model.receiver.lm
+        self._receiver_text: str | None = None
 
     # ------------------------------------------------------------ generation per method
     def bridge(self, examples: Sequence[Example]) -> list[str]:
@@ -74,11 +76,13 @@ class _Evaluator:
         return self.receiver_tok.batch_decode(out, skip_special_tokens=True)  # only new tokens with inputs_embeds
 
     def receiver(self, examples: Sequence[Example]) -> list[str]:
-        text = _generate_text(self.lm, self.receiver_tok, [self.collate.primer_ids], self.cfg.max_new_tokens, self.device)
-        return text * len(examples)
+        if self._receiver_text is None:  # the same input for every example: generate it once
+            self._receiver_text = _generate_text(self.lm, self.receiver_tok, [self.collate.primer_ids],
+                                                 self.cfg.max_new_tokens, self.device)[0]
+        return [self._receiver_text] * len(examples)
 
     def sender(self, examples: Sequence[Example]) -> list[str]:
-        rows = [self.collate.sender_ids(e.text) for e in examples]
+        rows = self.collate.sender_batch([e.text for e in examples])
         return _generate_text(self.sender_lm, self.sender_tok, rows, self.cfg.max_new_tokens, self.device)
 
     def text_relay(self, examples: Sequence[Example]) -> list[str]:
@@ -126,13 +130,23 @@ class _Evaluator:
             torch.cuda.synchronize(self.device)
 
 
+def full_sender(model: TelepathyModel, pair: Pair, device: torch.device | str) -> nn.Module:
+    """The whole sender causal LM for the "sender" and "text_relay" baselines (training holds only its body
+    up to the tap). A single-model pair reuses the receiver; otherwise it is loaded now, after training."""
+    if pair.single:
+        return model.receiver.lm
+    device = torch.device(device)
+    return load_model(pair.sender, device=device, attn_implementation=select_attention(device)[0])
+
+
 def evaluate(model: TelepathyModel, task: Task, tokenizers, eval_cfg: EvalConfig, device: torch.device | str, *,
              data_cfg: DataConfig = DataConfig(), sender_lm: nn.Module | None = None) -> dict:
     """Accuracy of the bridge and of `eval_cfg.baselines` on `task.eval`, and bridge vs text-relay latency.
 
     `tokenizers` = (sender_tokenizer, receiver_tokenizer). The "sender" and "text_relay" baselines need the
-    FULL sender causal LM (`sender_lm`, e.g. `load_model(pair.sender, ...)`, or the receiver itself for a
-    single-model pair); without it they are listed under "skipped". Returns the dict written to eval.json.
+    FULL sender causal LM (`sender_lm=full_sender(model, pair, device)`); without it they are listed under
+    "skipped". Call it with the unwrapped model (no DDP/FSDP wrapper) on the rank that evaluates.
+    Returns the dict written to eval.json.
     """
     device = torch.device(device)
     ev = _Evaluator(model, task, tokenizers, eval_cfg, data_cfg, device, sender_lm)

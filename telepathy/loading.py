@@ -8,6 +8,7 @@ holds identical weights; real models come from `from_pretrained` (hub id or loca
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import zlib
@@ -100,7 +101,8 @@ def seeded_init_(model: nn.Module, seed: int, namespace: str = "") -> None:
     """Initialise every parameter from a generator keyed by (seed, namespace, parameter name without the
     `model.` prefix): the same seed gives the same weights in every process, a truncated body gets exactly
     the first layers of the full model, and two architectures (namespaces) never share weights.
-    Same scheme as transformers' own init (normal(0, 0.02); norms 1, biases 0)."""
+    Matrices normal(0, 0.02) as transformers does, except the vocabulary matrices (see _VOCAB_MATRICES);
+    norm weights 1, biases 0."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             key = f"{namespace}/{name.removeprefix('model.')}"
@@ -142,14 +144,41 @@ def load_model(spec: ModelSpec, *, device: torch.device | str, attn_implementati
         hf_config = AutoConfig.from_pretrained(spec.source, attn_implementation=attn_implementation)
         if body:
             hf_config.num_hidden_layers = num_layers
-        model = cls.from_pretrained(spec.source, config=hf_config, dtype=torch.bfloat16,
-                                    device_map=device_map or {"": str(device)})
+        with _quiet_if(body):  # the skipped later layers / LM head are reported as "unexpected" keys
+            model = cls.from_pretrained(spec.source, config=hf_config, dtype=torch.bfloat16,
+                                        device_map=device_map or {"": str(device)})
+    if not body:
+        model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     if body and num_layers < spec.layers:
         # hidden_states[n] of the full model is the raw output of layer n-1; the final norm only
         # applies after the last layer.
         model.norm = nn.Identity()
     model.requires_grad_(False)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet_if(quiet: bool):
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def _contiguous_input(_module: nn.Module, args: tuple) -> tuple | None:
+    """HF slices hidden states (logits_to_keep) before the LM head; on a strided 3-D input the CPU matmul
+    copies the whole vocabulary matrix once per row (step-calibration.md pitfall: 2.5 s instead of 10 ms
+    per generated token on tiny-qwen). Fresh standard strides keep it one matmul (`.contiguous()` is not
+    enough: a (B,1,d) slice counts as contiguous but keeps its odd batch stride)."""
+    x = args[0]
+    if x.dim() <= 2:  # mm takes any strides; the training step already passes (tokens, d)
+        return None
+    return (torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x), *args[1:])
 
 
 def generation_config(tokenizer, max_new_tokens: int):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -29,6 +30,10 @@ CODE_VERSION_FILE = "code_version.json"
 # The only environment variables a manifest records (an allow-list: secrets must never leak).
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
 PACKAGES = ("torch", "transformers", "submitit", "deepspeed")
+# A copied plan can hold a cluster profile's `env` and `setup` lines: values of secret-looking names are redacted.
+_SECRET_NAME = re.compile(r"(?i)(token|secret|passw(or)?d|credential|(^|_)key$|api_?key)")
+_SECRET_ASSIGN = re.compile(
+    r"(?i)\b([A-Z0-9_]*(?:TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|KEY)[A-Z0-9_]*)=(\"[^\"]*\"|'[^']*'|\S+)")
 EXIT_STATES = ("running", "completed", "preempted", "failed")
 SCHEMA = 1
 
@@ -121,6 +126,18 @@ def plan_summary(plan: dict[str, Any] | None) -> dict[str, Any] | None:
             "estimate_components": mem.get("components"), "notes": batch.get("notes", [])}
 
 
+def redact(value: Any) -> Any:
+    """A copy with the values of secret-looking keys, and of NAME=value assignments in strings, replaced."""
+    if isinstance(value, dict):
+        return {k: "<redacted>" if _SECRET_NAME.search(str(k)) and isinstance(v, str) else redact(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _SECRET_ASSIGN.sub(r"\1=<redacted>", value)
+    return value
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -139,7 +156,7 @@ def start(cfg: RunConfig, code_dir: str | Path = REPO_ROOT) -> dict[str, Any]:
     old = _read_json(run_dir / MANIFEST_FILE) or {}
     attempts = list(old.get("attempts", []))
     attempt = _attempt()
-    plan = _read_json(run_dir / "plan.json")
+    plan = redact(_read_json(run_dir / "plan.json"))
     manifest = {
         "schema": SCHEMA, "run": cfg.name, "run_dir": str(run_dir), "config": cfg.to_dict(), "plan": plan,
         "memory_plan": plan_summary(plan), "predicted_peak_gib": cfg.predicted_peak_gib,

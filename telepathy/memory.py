@@ -4,7 +4,7 @@ The planner calls this for every plan (each --dry-run, each task of a sweep), so
 Every term counts the bytes of tensors the step (telepathy/step.py) holds; the fake-tensor trace of that
 same step (telepathy/trace.py) checks the sum (tests/test_memory_calibration.py: within 5 %).
 
-Peak = what lives through the whole step (weights, optimizer state) + the largest of three phases:
+Peak = what lives through the whole step (weights, optimizer state) + the largest of four phases:
   sender    the frozen, truncated sender's no-grad forward: one layer's transients over b x seq_len tokens;
   receiver  bridge + receiver forward and backward: tensors saved for backward, plus backward transients;
   optimizer the bridge's gradients and AdamW's foreach temporaries.
@@ -15,6 +15,7 @@ Sequence lengths: `seq_len` is the sender's input tokens; the receiver reads pri
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from telepathy.bridge_shape import bridge_param_count
@@ -32,6 +33,15 @@ ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
 CONTEXT_RESERVE_GIB = 3.0
 FRAGMENTATION_SHARE = 0.05
 
+# The moments of a step that can hold its peak, each with the phase of the step it falls in (the tracer
+# labels its per-phase peaks with these phases).
+MOMENTS = {
+    "sender_unshard_first": "sender", "sender_unshard": "sender", "sender": "sender",
+    "bridge_unshard": "receiver", "bridge_forward": "receiver", "receiver_unshard": "receiver",
+    "receiver_unshard_first": "receiver", "receiver_forward": "receiver", "receiver_head_unshard": "receiver",
+    "receiver_recompute": "receiver", "receiver": "receiver",
+    "bridge_backward_last": "bridge_backward", "bridge_backward": "bridge_backward", "optimizer": "optimizer",
+}
 COMPONENTS = ("frozen_weights", "bridge_params", "gradients", "optimizer", "activations", "temporaries",
               "comm_buffers")
 
@@ -71,8 +81,7 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict:
         return {"total_gib": round(self.total_gib, 3), "phase": self.phase,
-                "components": {k: round(v, 3) for k, v in self.components.items()},
-                "phases": {k: round(v, 3) for k, v in self.phases.items()}, "knobs": dict(self.knobs)}
+                "components": {k: round(v, 3) for k, v in self.components.items()}, "knobs": dict(self.knobs)}
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,11 @@ class _Step:
     def logit_rows(self) -> int:
         return self.answer if self.answer_only else self.recv_tokens
 
+    @property
+    def inputs(self) -> int:
+        """The batch (int64 ids and masks), alive through the whole step."""
+        return INT64 * (2 * self.seq + self.primer + 2 * self.answer)
+
 
 def _attn_saved_per_token(spec: ModelSpec, attention: str, tokens: int) -> float:
     """Bytes one attention call saves for backward per query token. SDPA with a padding mask: HF repeats
@@ -182,92 +196,190 @@ def _receiver_layer_saved(spec: ModelSpec, attention: str, tokens: int) -> float
     return tokens * per_token
 
 
-def _sender_peak_per_sample(st: _Step) -> float:
-    """Peak bytes of the sender's no-grad forward per sample, at the MLP of a layer after the first: the
-    embedding output (HF keeps it), the layer input, the post-attention residual and the normed input
-    (hidden-size, bf16), plus silu(gate), up and their product (intermediate-size); the (s x s) boolean
-    padding mask lives through the whole forward (not built for FlashAttention-2)."""
+def _sender_tokens_bytes(st: _Step, hidden_tensors: int) -> float:
+    """Per sample in the sender's forward, outside a layer's own work: the batch, `hidden_tensors`
+    hidden-size bf16 tensors over the sender tokens, and the (s x s) boolean padding mask, which lives
+    through the whole forward (FlashAttention-2 needs none)."""
+    s = st.seq
+    mask = 0 if st.attention == "flash_attention_2" else s
+    return st.inputs + s * (hidden_tensors * BF16 * st.pair.sender.hidden + mask)
+
+
+def _sender_layer_peak(st: _Step) -> float:
+    """Per sample, the peak inside a sender layer after the first (no grad): four hidden-size tensors (the
+    embedding output, which HF keeps, the layer input, the post-attention residual and the normed input)
+    plus SwiGLU's silu(gate), up and their product; or attention's q, repeated k and v, output and rotary
+    temporaries, with the kernel's converted mask (SDPA) or the fp32 + bf16 scores (eager)."""
     spec, s, n = st.pair.sender, st.seq, st.tapped
     if n == 0:
-        return s * BF16 * spec.hidden
+        return _sender_tokens_bytes(st, 1)
     hidden_tensors = 4 if n >= 2 else 3  # in the first layer the layer input is the embedding output
     mlp = BF16 * (hidden_tensors * spec.hidden + 3 * spec.intermediate)
-    attn = BF16 * (3 * spec.hidden + 6 * _q(spec) + 2 * _kv(spec))  # q, repeated k and v, output, rotary temps
-    mask = 0 if st.attention == "flash_attention_2" else s  # bool, one byte per query-key pair
+    attn = BF16 * (3 * spec.hidden + 6 * _q(spec) + 2 * _kv(spec))
     if st.attention == "eager":
         attn += spec.heads * s * (FP32 + BF16)
     elif st.attention == "sdpa":
-        attn += BF16 * s  # the mask converted to bf16 for the kernel
-    return s * (max(mlp, attn) + mask)
+        attn += BF16 * s
+    return _sender_tokens_bytes(st, 0) + s * max(mlp, attn)
 
 
-def _bridge_saved(st: _Step) -> float:
-    """Bytes the bridge saves per sample. Over the sender tokens: the input projection's input (when the
-    widths differ) and, per block, the cross-attention's contiguous copy of the keys (nn.MultiheadAttention
-    runs sequence-first, so the batch-first keys are copied for the k/v projection, which saves the copy)
-    and its packed k/v output, plus the per-head padding mask. Over the K latents, per block: packed q/k/v,
-    the MLP's hidden and GELU output (r widths each), and 12 more widths of LayerNorm inputs and outputs,
-    attention inputs and outputs and residuals; then the output RMS-norm's fp32 tensors."""
-    b = st.bridge
-    d, d_s, s, e = st.pair.receiver.hidden, st.pair.sender.hidden, st.seq, st.bridge_bytes
-    over_seq = s * (e * d_s * (d_s != d) + b.depth * (e * 3 * d + e * b.heads))
-    over_latents = b.soft_tokens * (e * d * (b.depth * (12 + 2 * b.mlp_ratio) - 1) + 2 * FP32 * d)
-    return over_seq + over_latents
+def _bridge_seq_saved(st: _Step) -> float:
+    """Per sample, what the bridge (telepathy/bridge.py) saves over the sender tokens: the input
+    LayerNorm's input, the input projection's input (when the widths differ), and per block the
+    cross-attention's contiguous copy of the keys (nn.MultiheadAttention runs sequence-first, so the
+    batch-first keys are copied for the k/v projection, which saves the copy), its packed k/v output and
+    the per-head padding mask."""
+    b, d, d_s, e = st.bridge, st.pair.receiver.hidden, st.pair.sender.hidden, st.bridge_bytes
+    return st.seq * (e * d_s * (1 + (d_s != d)) + b.depth * (e * 3 * d + e * b.heads))
+
+
+def _bridge_latent_saved(st: _Step) -> float:
+    """Per sample over the K latents, per block: packed q/k/v, the MLP's hidden and GELU output (r widths
+    each) and 12 more widths (LayerNorm inputs and outputs, attention inputs and outputs, residuals), one
+    fewer overall; then the output RMS-norm's two fp32 tensors."""
+    b, d, e = st.bridge, st.pair.receiver.hidden, st.bridge_bytes
+    return b.soft_tokens * (e * d * (b.depth * (12 + 2 * b.mlp_ratio) - 1) + 2 * FP32 * d)
+
+
+def _receiver_saved(st: _Step) -> float:
+    """Per sample, everything saved for backward when the receiver's forward ends: the bridge's tensors,
+    the receiver's layers (only each layer's input under activation checkpointing), the final norm's
+    fp32 input and log-softmax's fp32 output over the logit rows."""
+    R, t = st.pair.receiver, st.recv_tokens
+    layers = R.layers * (t * BF16 * R.hidden if st.ckpt else _receiver_layer_saved(R, st.attention, t))
+    return (_bridge_seq_saved(st) + _bridge_latent_saved(st) + layers + t * FP32 * R.hidden
+            + st.logit_rows * FP32 * R.vocab)
+
+
+def _bridge_backward(st: _Step) -> dict[str, dict[str, float]]:
+    """Per sample while block k's cross-attention k/v projection runs backward: the input layers' inputs,
+    blocks 0..k-1's keys copies, packed k/v and masks and block k's keys copy are saved; temporaries are
+    the gradients of packed k/v (from each of k and v, then their sum: 2 widths each) and of the keys
+    copy (1 width). Block k = depth-1 holds the most saved tensors, block 0 the most gradients (_fixed)."""
+    b, d, d_s, e = st.bridge, st.pair.receiver.hidden, st.pair.sender.hidden, st.bridge_bytes
+    inputs_saved = e * d_s * (1 + (d_s != d))
+
+    def at(k: int) -> dict[str, float]:
+        saved = inputs_saved + k * (e * 3 * d + e * b.heads) + e * d + e * b.heads
+        return {"activations": st.inputs + st.seq * saved, "temporaries": st.seq * e * 7 * d}
+
+    return {"bridge_backward_last": at(b.depth - 1), "bridge_backward": at(0)}
 
 
 def _per_sample(st: _Step) -> dict[str, dict[str, float]]:
-    """Per-sample bytes by phase and component."""
-    R = st.pair.receiver
-    t, n = st.recv_tokens, st.logit_rows
-    # The batch itself (int64 ids and masks) lives through the whole step.
-    inputs = INT64 * (2 * st.seq + st.primer + 2 * st.answer)
-    if st.ckpt:  # each layer keeps its input; backward recomputes one layer at a time
-        layers_saved = R.layers * t * BF16 * R.hidden + _receiver_layer_saved(R, st.attention, t)
-    else:
-        layers_saved = R.layers * _receiver_layer_saved(R, st.attention, t)
-    recv_saved = _bridge_saved(st) + layers_saved + t * FP32 * R.hidden + n * FP32 * R.vocab
-    # Backward starts with the loss: the gradient of the fp32 log-softmax and of the logits exist together
-    # while log-softmax's output is still saved; the soft tokens' gradient from the diversity term waits.
-    recv_tmp = n * 2 * FP32 * R.vocab + st.bridge.soft_tokens * R.hidden * BF16
+    """Per-sample bytes at each moment (MOMENTS) that can hold the peak, by component. The *_unshard
+    moments and receiver_forward matter only under FSDP (see _fsdp_comm); otherwise they lie below the
+    moment that follows them."""
+    R, d, d_s = st.pair.receiver, st.pair.receiver.hidden, st.pair.sender.hidden
+    e = st.bridge_bytes
+    states = st.seq * BF16 * d_s  # the sender's output; its caller holds it until the bridge returns
+    bridge = _bridge_seq_saved(st) + _bridge_latent_saved(st)
+    layer = _receiver_layer_saved(R, st.attention, st.recv_tokens)
     return {
-        "sender": {"activations": inputs + _sender_peak_per_sample(st)},
-        "receiver": {"activations": inputs + recv_saved, "temporaries": recv_tmp},
-        "optimizer": {"activations": inputs},
+        "sender_unshard_first": {"activations": _sender_tokens_bytes(st, 1)},
+        "sender_unshard": {"activations": _sender_tokens_bytes(st, 2)},
+        "sender": {"activations": _sender_layer_peak(st)},
+        "bridge_unshard": {"activations": st.inputs + states},
+        # The last block's cross-attention: its k/v projection output exists beside its contiguous copy.
+        "bridge_forward": {"activations": st.inputs + states + bridge, "temporaries": st.seq * e * 2 * d},
+        "receiver_unshard": {"activations": st.inputs + bridge},
+        "receiver_unshard_first": {"activations": st.inputs + bridge},
+        "receiver_forward": {"activations": st.inputs + _receiver_saved(st) - layer
+                             - st.logit_rows * FP32 * R.vocab - st.recv_tokens * FP32 * R.hidden},
+        # Backward re-gathers the receiver's head (its remainder) with everything saved.
+        "receiver_head_unshard": {"activations": st.inputs + _receiver_saved(st)},
+        # Activation checkpointing: one layer recomputed and run backward beside every layer's input.
+        "receiver_recompute": {"activations": st.inputs + _receiver_saved(st) + layer * st.ckpt
+                               - st.logit_rows * FP32 * R.vocab},
+        # Backward starts with the loss: the gradients of log-softmax's output and input exist together
+        # while its output is still saved; the soft tokens' gradient from the diversity term waits.
+        "receiver": {"activations": st.inputs + _receiver_saved(st),
+                     "temporaries": st.logit_rows * 2 * FP32 * R.vocab + st.bridge.soft_tokens * d * BF16},
+        # The bridge's backward over the sender tokens, in the cross-attention k/v projection of its last
+        # block and of its first (see _bridge_backward).
+        **_bridge_backward(st),
+        "optimizer": {"activations": st.inputs},
+    }
+
+
+def _fsdp_units(st: _Step) -> dict[str, float]:
+    """Bytes of each FSDP2 unit backends.FSDPWrapped shards, unsharded: a decoder layer of each model,
+    each model's remainder (embeddings, final norm, LM head) and the bridge."""
+    S, R = st.pair.sender.param_counts(), st.pair.receiver.param_counts()
+    n = st.tapped
+    return {"sender_layer": BF16 * S["layer"], "receiver_layer": BF16 * R["layer"],
+            "sender_root": BF16 * (S["embed"] + (S["norm"] if n == st.pair.sender.layers else 0)),
+            "receiver_root": BF16 * (R["embed"] + R["norm"] + R["lm_head"]),
+            "bridge": st.bridge_bytes * bridge_params(st.pair, st.bridge)}
+
+
+def _fsdp_comm(st: _Step) -> dict[str, float]:
+    """Unsharded parameters and all-gather buffers per moment under FSDP2 (_fsdp_param_group.py), as the
+    fake-tensor trace sees them. A unit's parameters are gathered into a buffer, then copied out into
+    the unsharded parameters; in forward the buffer is freed only at the next unit's copy-out, so a
+    unit's copy-out holds the previous unit's buffer, its running parent's parameters (a model's
+    remainder stays unsharded while its layers run) and its own buffer and parameters (*_unshard*).
+    In backward each unit prefetches the unit before it in forward order; for the bridge that is the
+    sender's remainder, gathered for a backward a no-grad sender never runs (freed at the end)."""
+    u = _fsdp_units(st)
+    s_root, s_layer, r_root, r_layer, b = (u["sender_root"], u["sender_layer"], u["receiver_root"],
+                                           u["receiver_layer"], u["bridge"])
+    n = st.tapped
+    return {
+        "sender_unshard_first": 2 * s_root + (2 * s_layer if n else 0),  # first layer's copy-out
+        "sender_unshard": s_root + 3 * s_layer if n >= 2 else 0.0,  # a later layer's copy-out
+        "sender": s_root + (2 * s_layer if n else 0),  # a layer running: its parameters and buffer
+        "bridge_unshard": (s_layer if n else s_root) + 2 * b,
+        "bridge_forward": 2 * b,
+        "receiver_unshard": b + 2 * r_root,
+        "receiver_unshard_first": 2 * r_root + 2 * r_layer,
+        "receiver_forward": r_root + 3 * r_layer,  # the last layer's copy-out
+        "receiver_head_unshard": 2 * r_root,
+        "receiver_recompute": r_root + 2 * r_layer,  # backward re-gathers the head: its buffer and parameters
+        # The loss's backward: the head unsharded, then the last layer's prefetch and (in the trace) a
+        # second layer-size buffer.
+        "receiver": r_root + 2 * r_layer,
+        "bridge_backward_last": b + s_root,
+        "bridge_backward": b + s_root,
+        "optimizer": 0.0,
     }
 
 
 def _fixed(st: _Step) -> dict[str, dict[str, float]]:
-    """Batch-independent bytes by phase and component, per GPU for the backend."""
+    """Batch-independent bytes per GPU at each moment (see _per_sample), by component."""
     frozen = sum(frozen_param_counts(st.pair, st.bridge).values())
     p = bridge_params(st.pair, st.bridge)
-    w = st.world
-    e = st.bridge_bytes
-    # The bridge trains in train.bridge_dtype: parameters, gradients and both AdamW moments in that dtype.
+    w, e = st.world, st.bridge_bytes
+    # The bridge trains in train.bridge_dtype: parameters, gradients and both AdamW moments in that dtype;
+    # AdamW(foreach=True), the CUDA default, builds one temporary list as large as the parameters.
     resident = {"frozen_weights": BF16 * frozen, "bridge_params": e * p, "optimizer": 2 * e * p}
-    grads = e * p
-    foreach_tmp = e * p  # AdamW(foreach=True), the CUDA default, builds one temporary list as large as the parameters
-    comm = 0.0
-    if st.backend == "fsdp":
-        # Frozen models and bridge sharded over the world; each rank holds the unsharded parameters of the
-        # unit it runs plus the prefetched next one (decoder layers are the units).
+    grads = backward_grads = foreach_tmp = e * p
+    comm = dict.fromkeys(_fsdp_comm(st), 0.0)
+    if st.backend == "ddp" and w > 1:
+        # DDP's reducer keeps its own gradient buckets, as large as the bridge's gradients, for the run.
+        comm = dict.fromkeys(comm, e * p)
+    elif st.backend == "fsdp" and w > 1:
+        # Everything sharded over the world; the bridge's gradients are whole until its reduce-scatter.
         resident = {k: v / w for k, v in resident.items()}
         grads, foreach_tmp = grads / w, foreach_tmp / w
-        comm = 2 * BF16 * max(st.pair.sender.param_counts()["layer"], st.pair.receiver.param_counts()["layer"])
-        comm = comm if w > 1 else 0.0
+        comm = _fsdp_comm(st)
     elif st.backend == "deepspeed":
         # Only the bridge is the DeepSpeed engine: frozen models stay replicated. ZeRO keeps fp32 master
         # weights and fp32 Adam moments (12 B/param) sharded over the world; stage 2 shards the gradients
-        # too, stage 3 also the bf16 parameters.
+        # too, stage 3 also the bridge's parameters.
         resident["optimizer"] = 3 * FP32 * p / w
-        grads = grads / w
+        grads = backward_grads = grads / w
         foreach_tmp = FP32 * p / w
         if st.zero_stage == 3:
             resident["bridge_params"] = e * p / w
-    return {
-        "sender": {**resident, "comm_buffers": comm},
-        "receiver": {**resident, "comm_buffers": comm},
-        "optimizer": {**resident, "gradients": grads, "temporaries": foreach_tmp},
-    }
+    out = {phase: {**resident, "comm_buffers": c} for phase, c in comm.items()}
+    out["bridge_backward"]["gradients"] = backward_grads
+    # In the last block's backward, the gradients of the earlier blocks and the input layers are still to come.
+    block = bridge_params(st.pair, st.bridge) - bridge_params(st.pair, dataclasses.replace(st.bridge, depth=st.bridge.depth - 1))
+    inputs = bridge_params(st.pair, dataclasses.replace(st.bridge, depth=0, soft_tokens=0)) - 1
+    out["bridge_backward_last"]["gradients"] = backward_grads * (p - (st.bridge.depth - 1) * block - inputs) / p
+    out["optimizer"].update(gradients=grads, temporaries=foreach_tmp)
+    return out
 
 
 def _resolve(pair: Pair, *, backend: str, world_size: int, seq_len: int, answer_len: int, primer_len: int,
@@ -284,6 +396,9 @@ def _resolve(pair: Pair, *, backend: str, world_size: int, seq_len: int, answer_
     if zero_stage not in (2, 3):
         raise UserError(f"zero_stage must be 2 or 3 (got {zero_stage})")
     tapped_layers(pair.sender, bridge)
+    if backend == "fsdp" and world_size > 1 and pair.single:
+        raise UserError("backend fsdp cannot shard a single-model pair (sender and receiver share weights); "
+                        "use --backend ddp or deepspeed")
     return _Step(pair, bridge, backend, world_size, seq_len, answer_len, primer_len, zero_stage, attention,
                  activation_checkpointing, answer_only_logits, bridge_dtype)
 

@@ -22,13 +22,16 @@ from typing import Any
 
 from telepathy.config import atomic_write_bytes, atomic_write_text
 from telepathy.errors import UserError
+from telepathy.manifest import MANIFEST_FILE
 from telepathy.metrics import read_metrics
 
 SCHEMA = 1
 FIGSIZE, DPI = (8.0, 4.5), 100  # every PNG is 800 x 450 pixels
 # Config fields that differ between runs without being a configuration choice.
 NOT_SWEPT = {"run_dir", "name", "train.seed", "predicted_peak_gib", "train.micro_batch", "train.grad_accum"}
+FIRST = ["sender", "receiver", "data.task"]  # table columns in this order, then the rest alphabetically
 MEMORY_SUFFIX = "_gib"
+LOSSES = {"loss": "loss (answer CE + diversity term)", "lm_loss": "answer CE"}  # metrics field -> legend
 
 
 @dataclass
@@ -38,6 +41,15 @@ class Run:
     plan: dict[str, Any] | None
     metrics: list[dict[str, Any]]
     eval: dict[str, Any] | None
+    manifest: dict[str, Any] | None
+
+    @property
+    def state(self) -> str:
+        """completed / running / preempted / failed (ErrorType) from the manifest; "not started" without one."""
+        if self.manifest is None:
+            return "not started"
+        ex = self.manifest.get("exit", {})
+        return f"{ex.get('state')} ({ex['error_type']})" if ex.get("error_type") else str(ex.get("state"))
 
     @property
     def seed(self) -> int | None:
@@ -51,12 +63,13 @@ class Report:
     written: list[Path] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # run folders with no eval.json yet
+    states: dict[str, str] = field(default_factory=dict)  # how each missing run stands (its manifest)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "kind": self.kind, "path": str(self.path),
                 "written": [str(p) for p in self.written], "rows": self.rows, "missing": self.missing,
-                "notes": self.notes}
+                "states": self.states, "notes": self.notes}
 
 
 # ---- reading run folders ----------------------------------------------------------------------------
@@ -75,8 +88,12 @@ def is_run(path: Path) -> bool:
 
 
 def load_run(path: Path) -> Run:
+    try:
+        metrics = read_metrics(path)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path / 'metrics.jsonl'} line {e.lineno} is not valid JSON; remove that line") from None
     return Run(path=path, config=_json(path / "config.json") or {}, plan=_json(path / "plan.json"),
-               metrics=read_metrics(path), eval=_json(path / "eval.json"))
+               metrics=metrics, eval=_json(path / "eval.json"), manifest=_json(path / MANIFEST_FILE))
 
 
 def find_runs(sweep: Path) -> list[Path]:
@@ -147,12 +164,13 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def swept_fields(configs: list[dict[str, Any]]) -> list[str]:
     """Config fields (dotted) whose values differ between runs, seeds and bookkeeping aside."""
     flats = [_flat(c) for c in configs]
-    keys = sorted({k for f in flats for k in f} - NOT_SWEPT)
+    keys = sorted({k for f in flats for k in f} - NOT_SWEPT,
+                  key=lambda k: (FIRST.index(k) if k in FIRST else len(FIRST), k))
     return [k for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1]
 
 
 def _column(key: str) -> str:
-    return {"sender": "sender", "receiver": "receiver"}.get(key, key.rsplit(".", 1)[-1])
+    return key.rsplit(".", 1)[-1]  # "bridge.soft_tokens" -> "soft_tokens"
 
 
 # ---- plots --------------------------------------------------------------------------------------------
@@ -174,22 +192,28 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], float(v)) for r in records if isinstance(v := _flat(r).get(key), (int, float))
-           and not isinstance(v, bool) and isinstance(r.get("step"), int)]
-    return [p[0] for p in pts], [p[1] for p in pts]
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one field. A requeued run logs again the steps after its last checkpoint, later
+    in the file: the last record of a step wins."""
+    by_step: dict[int, float] = {}
+    for r in records:
+        v = _flat(r).get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(r.get("step"), int):
+            by_step[r["step"]] = float(v)
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
 
 
 def _train_records(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in metrics if r.get("kind") == "train"]
 
 
-def plot_lines(path: Path, title: str, ylabel: str, series: dict[str, tuple[list[int], list[float]]],
+def plot_lines(path: Path, title: str, ylabel: str, lines: dict[str, tuple[list[int], list[float]]],
                right: tuple[str, list[int], list[float]] | None = None) -> Path:
     """Lines against the step; `right` is one more series on a second y axis (a different unit)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    for label, (xs, ys) in series.items():
+    for label, (xs, ys) in lines.items():
         ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
     handles, labels = ax.get_legend_handles_labels()
     if right is not None:
@@ -241,7 +265,9 @@ def plot_bars(path: Path, title: str, ylabel: str, groups: list[str], methods: l
         stds = [s.get(m, {}).get("std") or 0.0 for s in stats]
         xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [v if v is not None else math.nan for v in means], width, yerr=stds, capsize=3, label=m)
-    ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+    crowded = len(groups) > 6
+    ax.set_xticks(range(len(groups)), groups, rotation=30 if crowded else 0, ha="right" if crowded else "center",
+                  fontsize="small")
     ax.set(title=title, ylabel=ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="best", fontsize="small")
@@ -281,11 +307,11 @@ def report_run(path: Path, out: Path) -> Report:
     if not train:
         rep.notes.append("no training records in metrics.jsonl yet: no loss or throughput plot")
     else:
-        losses = {k: _series(train, k) for k in ("loss", "lm_loss") if _series(train, k)[0]}
+        losses = {label: series(train, k) for k, label in LOSSES.items() if series(train, k)[0]}
         rep.written.append(plot_lines(out / "loss.png", f"{name}: training loss", "loss", losses))
-        tokens = _series(train, "tokens_per_s")
+        tokens = series(train, "tokens_per_s")
         rep.written.append(plot_lines(out / "throughput.png", f"{name}: throughput", "samples / s",
-                                      {"samples/s": _series(train, "samples_per_s")},
+                                      {"samples/s": series(train, "samples_per_s")},
                                       ("sender tokens/s", *tokens) if tokens[0] else None))
     measured = measured_memory(run.metrics)
     if measured:
@@ -295,10 +321,11 @@ def report_run(path: Path, out: Path) -> Report:
         rep.notes.append("no memory records in metrics.jsonl yet: no memory plot")
     if run.eval is None:
         rep.missing.append(path.name)
+        rep.states[path.name] = run.state
         rep.notes.append("no eval.json yet: no evaluation table")
         return rep
-    for name, r in method_results(run.eval).items():
-        rep.rows.append({"method": name, **r})
+    for method, r in method_results(run.eval).items():
+        rep.rows.append({"method": method, **r})
     n, labels = run.eval.get("n"), run.eval.get("labels") or []
     title = f"task {run.eval.get('task')}: n={n}" + (f", chance {100 / len(labels):.1f}%" if labels else "")
     rows = [[r["method"], _num(r["accuracy"]), str(r["unmatched"]), _num(r["latency_ms"])] for r in rep.rows]
@@ -335,9 +362,10 @@ def sweep_rows(runs: list[Run]) -> tuple[list[str], list[str], list[dict[str, An
             methods += [m for m in res if m not in methods]
         stats = {m: {metric: mean_std([x for res in results if (x := res.get(m, {}).get(metric)) is not None])
                      for metric in ("accuracy", "latency_ms")} for m in methods}
-        rows.append({"config": dict(zip(fields, json.loads(key))), "seeds": sorted(s for m in done if (s := m.seed) is not None),
-                     "runs": [m.path.name for m in members], "pending": [m.path.name for m in members if m.eval is None],
-                     "methods": stats})
+        rows.append({"config": dict(zip(fields, json.loads(key))),
+                     "seeds": sorted(s for m in done if (s := m.seed) is not None),
+                     "runs": [m.path.name for m in members],
+                     "pending": [m.path.name for m in members if m.eval is None], "methods": stats})
     rows.sort(key=lambda row: [_order(v) for v in row["config"].values()])
     for row in rows:  # methods first seen in a later group
         for m in methods:
@@ -358,6 +386,7 @@ def report_sweep(path: Path, out: Path) -> Report:
         raise UserError(f"{path} holds no run folders (folders with config.json); pass a run or sweep folder")
     rep = Report("sweep", path)
     rep.missing = [r.path.name for r in runs if r.eval is None]
+    rep.states = {r.path.name: r.state for r in runs if r.eval is None}
     fields, methods, rows = sweep_rows(runs)
     rep.rows = rows
     cols = [_column(f) for f in fields]
@@ -371,15 +400,16 @@ def report_sweep(path: Path, out: Path) -> Report:
     csv_header = cols + ["n_seeds"] + [f"{m}_{metric}_{s}" for m, metric in cells for s in ("mean", "std")]
     csv_rows = [[row["config"][f] for f in fields] + [len(row["seeds"])]
                 + [row["methods"][m][metric][s] for m, metric in cells for s in ("mean", "std")] for row in rows]
-    note = f"\n{len(rep.missing)} of {len(runs)} runs have no eval.json yet: {', '.join(rep.missing)}\n" if rep.missing else ""
+    note = (f"\n{len(rep.missing)} of {len(runs)} runs have no eval.json yet: "
+            + ", ".join(f"{name} ({state})" for name, state in rep.states.items()) + "\n") if rep.missing else ""
     atomic_write_text(out / "summary.md", markdown(header, md) + note)
     atomic_write_text(out / "summary.csv", csv_text(csv_header, csv_rows))
     rep.written += [out / "summary.md", out / "summary.csv"]
     if methods and any(row["seeds"] for row in rows):
-        labels = [", ".join(f"{c}={row['config'][f]}" for c, f in zip(cols, fields)) or "all runs" for row in rows]
+        labels = ["\n".join(f"{c}={row['config'][f]}" for c, f in zip(cols, fields)) or "all runs" for row in rows]
+        accuracy = [{m: row["methods"][m]["accuracy"] for m in methods} for row in rows]
         rep.written.append(plot_bars(out / "accuracy.png", f"{path.name}: accuracy (mean ± std over seeds)",
-                                     "accuracy (%)", labels, methods, [{m: row["methods"][m]["accuracy"] for m in methods}
-                                                                       for row in rows]))
+                                     "accuracy (%)", labels, methods, accuracy))
     return rep
 
 

@@ -14,36 +14,50 @@ which telepathy.memory's safety margin covers.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 
 from telepathy.config import BridgeConfig, DataConfig, RunConfig, TrainConfig
+from telepathy.errors import UserError
 from telepathy.memory import GIB
-from telepathy.registry import Pair, load_registry
+from telepathy.registry import Pair
 
-PHASES = ("sender", "receiver", "optimizer")
+TRACED_BACKENDS = ("ddp", "fsdp")
 
 
-class FrozenAwareMemTracker(MemTracker):
-    """MemTracker for models with frozen parts, recording which phase of the step holds the peak.
+class _PhasePeaks:
+    """Records the peak of the whole step and, per phase, the snapshot at that phase's own peak. The step
+    driver sets `phase`; optimizer.step is recognised by the tracker's own flag. Replaces MemTracker's
+    per-module peak bookkeeping (a pass over every module on every op; module-wise snapshots are not
+    used here), which made the trace several times slower."""
 
-    Stock MemTracker registers a gradient hook on every parameter of each module it meets, which raises
-    for frozen ones (cpu-torch-stack.md §6); here hooks go only on parameters that train."""
+    phase = "setup"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.phase = "setup"  # set by the step driver: sender, receiver, optimizer
-        self.phase_peaks: dict[str, dict] = {}  # phase -> snapshot at that phase's own peak
+    def _update_peak_stats(self, peak_state) -> None:
+        if not hasattr(self, "phase_peaks"):
+            self.phase_peaks: dict[str, dict] = {}
+        phase = "optimizer" if self._in_opt else self.phase
+        for dev, snap in self._curr_mem_snap.items():
+            total = snap[_TOTAL_KEY]
+            if total > self._peak_mem.get(dev, 0):
+                self._peak_mem[dev], self._peak_mem_snap[dev] = total, dict(snap)
+            best = self.phase_peaks.get(phase)
+            if best is None or total > best[_TOTAL_KEY]:
+                self.phase_peaks[phase] = dict(snap)
+
+
+class FrozenAwareMemTracker(_PhasePeaks, MemTracker):
+    """MemTracker for a model with frozen parts. Stock MemTracker registers a gradient hook on every
+    parameter of each module it meets, which raises for frozen ones (cpu-torch-stack.md §6); here hooks
+    go only on parameters that train."""
 
     def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
         params = list(module.parameters())
@@ -52,18 +66,15 @@ class FrozenAwareMemTracker(MemTracker):
         if not any(p.requires_grad for p in params):
             return super()._track_module_params_and_buffers(module, False)
         totals = [0, 0]
-        for sub in module.children():  # a mixed module (the whole model): recurse to uniform parts
+        for sub in module.children():  # mixed (the whole model): recurse to parts that are all one kind
             for i, n in enumerate(self._track_module_params_and_buffers(sub, install_grad_hooks)):
                 totals[i] += n
         return totals[0], totals[1]
 
-    def _update_peak_stats(self, peak_state) -> None:
-        super()._update_peak_stats(peak_state)
-        phase = "optimizer" if self._in_opt else self.phase
-        for snap in self._curr_mem_snap.values():
-            best = self.phase_peaks.get(phase)
-            if best is None or snap[_TOTAL_KEY] > best[_TOTAL_KEY]:
-                self.phase_peaks[phase] = dict(snap)
+
+class FSDPPhaseTracker(_PhasePeaks, FSDPMemTracker):
+    """FSDPMemTracker (sharded/unsharded parameters, all-gather and reduce-scatter buffers) with phases.
+    It installs no gradient hooks, so frozen parameters need no special care."""
 
 
 @dataclass(frozen=True)
@@ -87,11 +98,12 @@ class TraceResult:
 
 
 def run_config(pair: Pair, *, backend: str, micro_batch: int, seq_len: int, answer_len: int, bridge: BridgeConfig,
-               activation_checkpointing: bool = False, zero_stage: int = 2) -> RunConfig:
-    return RunConfig(sender=pair.sender.alias, receiver=pair.receiver.alias, run_dir="/nonexistent", backend=backend,
-                     bridge=bridge, train=TrainConfig(micro_batch=micro_batch, zero_stage=zero_stage,
-                                                      activation_checkpointing=activation_checkpointing),
-                     data=DataConfig(max_length=seq_len, answer_length=answer_len))
+               activation_checkpointing: bool = False, bridge_dtype: str = "bfloat16") -> RunConfig:
+    """The run configuration the traced step is built from (never written: run_dir is a placeholder)."""
+    train = TrainConfig(micro_batch=micro_batch, activation_checkpointing=activation_checkpointing,
+                        bridge_dtype=bridge_dtype)
+    return RunConfig(sender=pair.sender.alias, receiver=pair.receiver.alias, run_dir="(trace)", backend=backend,
+                     bridge=bridge, train=train, data=DataConfig(max_length=seq_len, answer_length=answer_len))
 
 
 def fake_batch(micro_batch: int, seq_len: int, answer_len: int, primer_len: int):
@@ -106,101 +118,169 @@ def fake_batch(micro_batch: int, seq_len: int, answer_len: int, primer_len: int)
                  answer_mask=torch.ones(b, answer_len, dtype=torch.long))
 
 
-def _optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
-    # foreach=True: the CUDA default (the trace runs on CPU tensors, where torch would pick the for-loop).
-    return torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                             foreach=True)
-
-
-def _step(model, optimizer, batch, cfg: RunConfig, tracker: FrozenAwareMemTracker) -> None:
-    tracker.phase = "sender"
-    with _phase_after(model.sender, tracker, "receiver"):
-        out = model(batch)
-        out.loss.backward()
-    tracker.phase = "optimizer"
-    torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.train.grad_clip, foreach=True)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 @contextlib.contextmanager
-def _phase_after(module: nn.Module | None, tracker: FrozenAwareMemTracker, phase: str):
-    """Switch the tracker's phase label when `module` (the sender) returns."""
-    if module is None:
-        tracker.phase = phase
+def fake_process_group(world_size: int):
+    """A process group whose collectives do nothing ("fake"), so FSDP and DDP wrap as on `world_size`
+    GPUs while this one process traces rank 0."""
+    if world_size == 1:
         yield
         return
-    handle = module.register_forward_hook(lambda *_: setattr(tracker, "phase", phase))
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
     try:
         yield
     finally:
-        handle.remove()
+        dist.destroy_process_group()
 
 
-def _retie(model: nn.Module) -> None:
-    """to_empty gives tied parameters separate storage; tie them again as from_pretrained does."""
+class _Phases:
+    """Labels the tracker's phase from hooks: the sender's forward, then the receiver (bridge forward,
+    receiver forward and backward), then the bridge's backward (from the gradient of its output);
+    optimizer.step is flagged by the tracker itself. `on_phase` hears each change (progress lines)."""
+
+    def __init__(self, model, tracker, on_phase: Callable[[str], None]):
+        self.tracker, self.on_phase = tracker, on_phase
+        self.handles = [model.bridge.register_forward_hook(self._on_bridge_output)]
+        if model.sender is not None:
+            self.handles.append(model.sender.register_forward_hook(lambda *_: self._set("receiver")))
+        self.first = "sender" if model.sender is not None else "receiver"
+
+    def _set(self, phase: str) -> None:
+        self.tracker.phase = phase
+        self.on_phase(phase)
+
+    def _on_bridge_output(self, _module, _args, out) -> None:  # returns None: the output stays as it is
+        out.register_hook(lambda _grad: self._set("bridge_backward"))
+
+    def __enter__(self):
+        self._set(self.first)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.tracker.phase = "done"
+
+
+def _step(wrapped, batch, tracker, on_phase: Callable[[str], None]) -> None:
+    """One optimizer step of the trainer (backends.Wrapped): forward + backward, clip, AdamW, zero_grad."""
+    with _Phases(wrapped.model, tracker, on_phase):
+        wrapped.micro_step(batch, last=True)
+        on_phase("optimizer")
+        try:
+            wrapped.optimizer_step()
+        except DataDependentOutputException:
+            # optimizer_step ends by returning the gradient norm as a Python float, which a fake tensor
+            # cannot give; check that the step itself (AdamW, zero_grad) completed before it.
+            if any(p.grad is not None for p in wrapped.model.trainable_parameters()):
+                raise
+
+
+def _materialise(model: nn.Module, device: torch.device) -> None:
+    """Meta parameters and buffers -> empty tensors (fake under FakeTensorMode), each shared tensor once.
+    Module.to_empty would give tied embeddings two storages and fails on a single-model pair's shared
+    modules (a second swap of the same parameter)."""
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(old) -> (old, kept alive so ids stay unique; new)
+
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in done:
+            empty = torch.empty_like(t, device=device)
+            done[id(t)] = (t, nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty)
+        return done[id(t)][1]
+
     for m in model.modules():
-        if hasattr(m, "tie_weights") and hasattr(m, "get_output_embeddings") and m.get_output_embeddings() is not None:
-            m.tie_weights()
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    table[name] = fresh(t)
 
 
 def _tensors(batch) -> list[torch.Tensor]:
     return [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
 
 
-def _breakdown(model, optimizer, snapshot: dict[str, int]) -> dict[str, float]:
-    """Tracker categories -> the estimate's components. Parameter bytes split by what trains."""
-    def local_bytes(params):
-        total = 0
-        for p in params:
-            t = p.to_local() if hasattr(p, "to_local") else p
-            total += t.untyped_storage().nbytes()
-        return total
+def _local_bytes(tensors) -> int:
+    return sum((t.to_local() if hasattr(t, "to_local") else t).untyped_storage().nbytes() for t in tensors)
 
-    trainable = local_bytes(model.trainable_parameters())
-    opt = snapshot.get(_MemRefType.OPT, 0)
-    opt_state = local_bytes(t for st in optimizer.state.values() for t in st.values()
-                            if isinstance(t, torch.Tensor) and t.dim() > 0)
-    frozen = snapshot.get(_MemRefType.PARAM, 0) - trainable
-    return {
-        "frozen_weights": frozen / GIB, "bridge_params": trainable / GIB,
-        # During optimizer.step the tracker files everything as optimizer state; beyond the state proper
-        # (AdamW's moments, counted from the optimizer) it is foreach temporaries.
-        "gradients": snapshot.get(_MemRefType.GRAD, 0) / GIB, "optimizer": min(opt, opt_state) / GIB,
-        "activations": (snapshot.get(_MemRefType.ACT, 0) + snapshot.get(_MemRefType.BUFFER, 0)
-                        + snapshot.get(_MemRefType.OTH, 0)) / GIB,
-        "temporaries": (snapshot.get(_MemRefType.TEMP, 0) + max(0, opt - opt_state)) / GIB,
+
+def _breakdown(model, optimizer, snapshot: dict) -> dict[str, float]:
+    """The tracker's categories (MemTracker's or FSDPMemTracker's) as the estimate's components.
+    Parameter bytes are split into frozen and bridge by what trains (local shards under FSDP). While
+    optimizer.step runs the tracker files every new tensor as optimizer state; beyond the state proper
+    (AdamW's moments, counted from the optimizer) that is foreach temporaries."""
+    by = {getattr(k, "value", k): v for k, v in snapshot.items()}
+    trainable = _local_bytes(model.trainable_parameters())
+    opt_state = _local_bytes(t for st in optimizer.state.values() for t in st.values()
+                             if isinstance(t, torch.Tensor) and t.dim() > 0)
+    params = by.get("Parameter", 0) + by.get("Sharded Param", 0)
+    opt = by.get("Optstate", 0) + by.get("OptState", 0)
+    gib = {
+        "frozen_weights": params - trainable, "bridge_params": trainable,
+        "gradients": by.get("Gradient", 0) + by.get("Sharded Grad", 0) + by.get("Unsharded Grad", 0),
+        "optimizer": min(opt, opt_state),
+        "activations": by.get("Activation", 0) + by.get("Buffer", 0) + by.get("Other", 0) + by.get("Inputs", 0),
+        "temporaries": by.get("Temp", 0) + max(0, opt - opt_state),
+        "comm_buffers": by.get("Unsharded Param", 0) + by.get("All Gather", 0) + by.get("Reduce Scatter", 0),
     }
+    return {k: v / GIB for k, v in gib.items()}
 
 
 def trace(pair: Pair, *, backend: str = "ddp", world_size: int = 1, micro_batch: int, seq_len: int,
           answer_len: int = 16, primer_len: int = 4, bridge: BridgeConfig = BridgeConfig(),
-          activation_checkpointing: bool = False, progress: Callable[[str], None] | None = None) -> TraceResult:
-    """Trace two training steps of `pair` at full size on fake tensors; the peak of the second."""
+          activation_checkpointing: bool = False, bridge_dtype: str = "bfloat16",
+          progress: Callable[[str], None] | None = None) -> TraceResult:
+    """Trace two training steps of `pair` at full size on fake tensors; the peak per GPU of the second.
+
+    Same knobs as telepathy.memory.estimate (attention is the CPU's: SDPA). DDP: the step of one rank
+    is the same at any world size except for the reducer's gradient buckets, which DDP allocates in C++
+    where fake tensors cannot go; they are added as comm_buffers, the size of the bridge's gradients."""
+    from telepathy.backends import wrap
     from telepathy.step import build_telepathy_model
 
+    if backend not in TRACED_BACKENDS:
+        raise UserError(f"--trace supports {' and '.join(TRACED_BACKENDS)}; for deepspeed use the analytic estimate "
+                        "(ZeRO's buffers live outside what the tracker sees)")
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
+    sharded = backend == "fsdp" and world_size > 1
     cfg = run_config(pair, backend=backend, micro_batch=micro_batch, seq_len=seq_len, answer_len=answer_len,
-                     bridge=bridge, activation_checkpointing=activation_checkpointing)
-    say(f"building {pair.name} on the meta device")
+                     bridge=bridge, activation_checkpointing=activation_checkpointing, bridge_dtype=bridge_dtype)
+    say(f"building {pair.name} at full size on the meta device")
     model, _, _ = build_telepathy_model(cfg, pair, "meta", meta=True)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model.to_empty(device="cpu")
-        _retie(model)
-        model.train()
-        optimizer = _optimizer(model, cfg)
+    cpu = torch.device("cpu")
+    with fake_process_group(world_size if sharded else 1), contextlib.ExitStack() as stack:
+        if sharded:  # FSDP2 shards the meta model (outside fake mode: the device mesh needs real tensors)
+            wrapped = wrap(model, backend, cfg, cpu)
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        if sharded:  # materialises only this rank's shards; AdamW keeps its parameters (swapped in place)
+            model.to_empty(device=cpu)
+        else:
+            _materialise(model, cpu)
+            wrapped = wrap(model, backend, cfg, cpu)
+        for group in wrapped.optimizer.param_groups:
+            group["foreach"] = True  # the CUDA default; on CPU tensors torch would pick the for-loop
         batch = fake_batch(micro_batch, seq_len, answer_len, primer_len)
         say("step 1 of 2 (creates AdamW state)")
-        _step(model, optimizer, batch, cfg, FrozenAwareMemTracker())
-        # A fresh tracker for step 2: it starts from what outlives a step (weights, AdamW state, the batch).
-        tracker = FrozenAwareMemTracker()
-        tracker.track_external(model, optimizer, *_tensors(batch))
+        _step(wrapped, batch, _PhasePeaks(), lambda _phase: None)
+        # A fresh tracker for step 2 starts from what outlives a step: weights, AdamW state, the batch.
+        if sharded:
+            tracker = FSDPPhaseTracker(model, wrapped.optimizer)
+            tracker.track_inputs(tuple(_tensors(batch)))
+        else:
+            tracker = FrozenAwareMemTracker()
+            tracker.track_external(model, wrapped.optimizer, *_tensors(batch))
         say("step 2 of 2 (traced)")
         with tracker:
-            _step(model, optimizer, batch, cfg, tracker)
-    phases = {ph: _breakdown(model, optimizer, snap) for ph, snap in tracker.phase_peaks.items()}
+            _step(wrapped, batch, tracker, lambda phase: say(f"  {phase} ({time.perf_counter() - t0:.0f} s)"))
+        phases = {ph: _breakdown(model, wrapped.optimizer, snap) for ph, snap in tracker.phase_peaks.items()}
+        if backend == "ddp" and world_size > 1:
+            buckets = _local_bytes(model.trainable_parameters()) / GIB
+            for comps in phases.values():
+                comps["comm_buffers"] += buckets
     peak = max(phases, key=lambda ph: sum(phases[ph].values()))
     knobs = dict(backend=backend, world_size=world_size, micro_batch=micro_batch, seq_len=seq_len,
-                 answer_len=answer_len, primer_len=primer_len, activation_checkpointing=activation_checkpointing)
+                 answer_len=answer_len, primer_len=primer_len, activation_checkpointing=activation_checkpointing,
+                 bridge_dtype=bridge_dtype)
     return TraceResult(phases[peak], peak, phases, time.perf_counter() - t0, knobs)

@@ -14,6 +14,9 @@ a collective while it generates (the original hit NCCL timeouts exactly there); 
 waits for rank 0.
 
 Exit codes: 0 done, EXIT_PREEMPTED (75, EX_TEMPFAIL: "try again") checkpointed after a signal, 2 user error.
+Under torchrun the workers' 75 shows in torchrun's failure summary but torchrun itself exits 1, so rank 0
+also writes RUN/preempted.json ({"step": n}) once the checkpoint is in place: that file is what a node
+entry waits for before requeueing.
 This module imports torch inside its functions so the torch-free launcher can import EXIT_PREEMPTED.
 """
 
@@ -36,6 +39,7 @@ from telepathy.errors import UserError
 
 EXIT_PREEMPTED = 75
 EVAL_FILE = "eval.json"
+PREEMPTED_FILE = "preempted.json"  # {"step": n}: written after the preemption checkpoint, removed on resume
 DIST_TIMEOUT = timedelta(minutes=30)  # any collective (init included) that waits longer is a hang: fail loudly
 
 log = logging.getLogger("telepathy.train")
@@ -61,6 +65,9 @@ class _StopFlag:
             return  # signal handlers can only be set from the main thread (e.g. an in-process debug run)
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
+            # restart system calls the signal interrupts (SA_RESTART): communication threads in C++
+            # (gloo, NCCL, DeepSpeed) should not see EINTR because we only wanted to set a flag
+            signal.siginterrupt(sig, False)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
@@ -144,7 +151,8 @@ def run(cfg: RunConfig, *, stop: _StopFlag | None = None) -> dict[str, Any]:
             h.close()
 
 
-def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, local_rank: int | None, stop: _StopFlag) -> dict[str, Any]:
+def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, local_rank: int | None,
+         stop: _StopFlag) -> dict[str, Any]:
     from telepathy.backends import wrap
     from telepathy.data import Collator, load_task
     from telepathy.loading import device_for, memory_report
@@ -165,7 +173,13 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, local_rank: int |
     task = load_task(cfg.data)
     model, sender_tok, receiver_tok = build_telepathy_model(cfg, pair, device)
     collator = Collator(task.spec, sender_tok, receiver_tok, cfg.data.max_length, cfg.data.answer_length)
-    sampler = StepSampler(collator.sender_lengths(task.train), micro_batch=t.micro_batch, grad_accum=t.grad_accum,
+    cache = None
+    if t.sender_cache:  # tapped-layer states read from disk instead of a sender forward (telepathy.cache)
+        from telepathy.cache import sender_cache_for
+
+        cache = sender_cache_for(cfg, pair, collator, task.train, "train", device)
+    lengths = cache.lengths() if cache is not None else collator.sender_lengths(task.train)
+    sampler = StepSampler(lengths, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
                           world_size=world, rank=rank, seed=t.seed, length_grouped=t.length_grouped)
     wrapped = wrap(model, cfg.backend, cfg, device)
     metrics = MetricsWriter(run_dir, enabled=rank == 0)
@@ -175,11 +189,13 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, local_rank: int |
                    "predicted_peak_gib": cfg.predicted_peak_gib})
 
     step = _resume(run_dir, wrapped, sampler, rank, world)
-    if step < t.steps:
-        try:
-            step = _train(cfg, wrapped, sampler, collator, task, device, metrics, stop, step, rank, world)
-        finally:
-            metrics.close()
+    if rank == 0:
+        (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
+    try:
+        if step < t.steps:  # else resumed from the final checkpoint: only the evaluation is missing
+            step = _train(cfg, wrapped, sampler, collator, cache, task, device, metrics, stop, step, rank, world)
+    finally:
+        metrics.close()
 
     # Final weights on rank 0, then the group is closed before evaluation (see module docstring).
     bridge_state = wrapped.bridge_state()
@@ -188,12 +204,19 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, local_rank: int |
         return {}
 
     def rebuild():
-        unsharded, _, _ = build_telepathy_model(cfg.replace(backend="ddp"), pair, device)
+        # unsharded, and with its sender: evaluation reads text, not cached states
+        plain = cfg.replace(backend="ddp", train={"sender_cache": False})
+        unsharded, _, _ = build_telepathy_model(plain, pair, device)
         return unsharded
 
     from telepathy.evaluate import evaluate, format_eval_table
 
-    eval_model = wrapped.local_model(bridge_state, rebuild).eval()
+    if cache is not None:
+        eval_model = rebuild()
+        eval_model.bridge.load_state_dict(bridge_state)
+    else:
+        eval_model = wrapped.local_model(bridge_state, rebuild)
+    eval_model.eval()
     results = evaluate(eval_model, task, (sender_tok, receiver_tok), cfg.eval, device, data_cfg=cfg.data,
                        sender_lm=_sender_lm(cfg, pair, eval_model, device))
     atomic_write_text(run_dir / EVAL_FILE, json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
@@ -240,7 +263,7 @@ def _resume(run_dir: Path, wrapped, sampler, rank: int, world: int) -> int:
     return found.step
 
 
-def _train(cfg, wrapped, sampler, collator, task, device, metrics, stop: _StopFlag, step: int, rank: int,
+def _train(cfg, wrapped, sampler, collator, cache, task, device, metrics, stop: _StopFlag, step: int, rank: int,
            world: int) -> int:
     import torch
     import torch.distributed as dist
@@ -267,6 +290,8 @@ def _train(cfg, wrapped, sampler, collator, task, device, metrics, stop: _StopFl
         sums = torch.zeros(6, dtype=torch.float64)
         for i, indices in enumerate(micro):
             batch = collator([task.train[j] for j in indices])
+            if cache is not None:
+                batch = cache.attach(batch, indices)
             out = wrapped.micro_step(batch.to(device), last=i == len(micro) - 1)
             sums[1:] += torch.tensor([out.loss.item(), out.lm_loss.item(), out.diversity.item(), len(batch),
                                       batch.sender_mask.sum().item()], dtype=torch.float64)
@@ -294,6 +319,8 @@ def _train(cfg, wrapped, sampler, collator, task, device, metrics, stop: _StopFl
         progress.update(step, f"loss {loss:.4f} lr {lr:.2e}")
         if sums[0] > 0:
             save()
+            if rank == 0:
+                atomic_write_text(Path(cfg.run_dir) / PREEMPTED_FILE, json.dumps({"step": step}) + "\n")
             log.warning("preemption signal: checkpoint at step %d written; exiting with %d", step, EXIT_PREEMPTED)
             progress.close()
             raise Preempted(step)

@@ -169,13 +169,18 @@ _BUILDER = textwrap.dedent("""
     ids = [torch.randint(1, 32000, (4 + i % 13,), generator=g).tolist() for i in range(40)]
     key = C.CacheKey(model=C.model_identity(spec), layer=3, dataset="t:train", ids_sha256=C.ids_digest(ids), n_examples=40)
     body = load_model(spec, device="cpu", attn_implementation="sdpa", num_layers=3)
+    root = Path(sys.argv[1])
+    (root / f"ready-{sys.argv[2]}").touch()  # start together: wait until both processes are here
+    deadline = time.time() + 60
+    while len(list(root.glob("ready-*"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
     start = time.time()
 
     def compute():
-        time.sleep(2.0)  # hold the lock long enough that the other process must wait for it
+        time.sleep(3.0)  # hold the lock long enough that the other process must wait for it
         return C.sender_states(body, ids, 0, "cpu")
 
-    cache, built = C.ensure(key, compute, Path(sys.argv[1]))
+    cache, built = C.ensure(key, compute, root / "cache")
     print(json.dumps({"built": built, "start": start, "end": time.time(), "n": len(cache),
                       "sum": float(sum(cache.get(i).float().sum() for i in range(40)))}))
 """)
@@ -183,14 +188,24 @@ _BUILDER = textwrap.dedent("""
 
 def test_concurrent_builders_make_one_valid_entry(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", _BUILDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO, env=env) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILDER, str(tmp_path), str(i)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO, env=env) for i in range(2)]
     results = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert sorted(r["built"] for r in results) == [False, True]
     builder, reader = sorted(results, key=lambda r: not r["built"])
     assert reader["start"] < builder["end"]  # they really overlapped: the reader waited on the lock
     assert reader["n"] == builder["n"] == 40 and reader["sum"] == builder["sum"]
-    entries = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    entries = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
     assert len(entries) == 1 and (entries[0] / "manifest.json").is_file()
-    assert not list(tmp_path.glob(".*.tmp-*"))
+    assert not list((tmp_path / "cache").glob(".*.tmp-*"))
+
+
+def test_entry_with_tuple_valued_identity_reopens(tmp_path):
+    """A local checkpoint's identity holds (name, size, mtime) tuples; they come back from JSON as lists."""
+    key = C.CacheKey(model={"weights": "local", "files": [("model.safetensors", 10, 1)]}, layer=1, dataset="d:train",
+                     ids_sha256="0" * 64, n_examples=2)
+    states = [torch.randn(3, 4).bfloat16(), torch.randn(5, 4).bfloat16()]
+    C.ensure(key, lambda: iter(enumerate(states)), tmp_path)
+    cache = C.open_cache(key, tmp_path)
+    assert cache is not None and all(torch.equal(cache.get(i), s) for i, s in enumerate(states))

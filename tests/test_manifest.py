@@ -1,5 +1,6 @@
 """RUN/manifest.json: code version (checkout, snapshot, no git), SLURM ids, exit states, requeues, no secrets."""
 
+import dataclasses
 import json
 import subprocess
 
@@ -29,12 +30,18 @@ def checkout(tmp_path):
     return repo, head
 
 
+# A cluster profile may export secrets on the nodes; the plan keeps them, the manifest must not.
+PROFILE_SECRETS = {"env": {"HUGGING_FACE_HUB_TOKEN": "hf_PROFILEsecret1", "OMP_NUM_THREADS": "1"},
+                   "setup": ("module load cuda", "export COMET_API_KEY=PROFILEsecret2")}
+
+
 @pytest.fixture
 def run_cfg(tmp_path):
     """A real plan for tiny-llama -> tiny-qwen written as `launch --debug` writes it."""
     pair = load_registry().pair("tiny-llama-tiny-qwen")
     cfg = RunConfig(sender="tiny-llama", receiver="tiny-qwen", run_dir=str(tmp_path / "run"), name="m")
-    plan = make_plan(pair, cfg, gpus=1, profile=load_profile("local"), mode="debug")
+    profile = dataclasses.replace(load_profile("local"), **PROFILE_SECRETS)
+    plan = make_plan(pair, cfg, gpus=1, profile=profile, mode="debug")
     write_run_files(plan, tmp_path / "run")
     return plan.run
 
@@ -59,13 +66,15 @@ def test_snapshot_carries_the_checkouts_commit(checkout, tmp_path):
 
 def test_no_git_binary_never_fails(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no git on PATH
-    assert manifest.code_version(tmp_path) == {"commit": None, "dirty": None, "source": "unknown", "path": str(tmp_path)}
+    expected = {"commit": None, "dirty": None, "source": "unknown", "path": str(tmp_path)}
+    assert manifest.code_version(tmp_path) == expected
 
 
 def test_manifest_records_run_and_never_secrets(run_cfg, monkeypatch):
     secrets = {"HF_TOKEN": "hf_SECRETtoken123", "GITHUB_TOKEN": "ghp_SECRET456", "WANDB_API_KEY": "SECRETkey789",
                "AWS_SECRET_ACCESS_KEY": "SECRETaws000", "DB_PASSWORD": "SECRETpw111", "MY_PASSWD": "SECRETpw222"}
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2", "SLURM_RESTART_COUNT": "0"}
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2",
+             "SLURM_RESTART_COUNT": "0"}
     for k, v in {**secrets, **slurm}.items():
         monkeypatch.setenv(k, v)
     manifest.start(run_cfg)
@@ -73,6 +82,8 @@ def test_manifest_records_run_and_never_secrets(run_cfg, monkeypatch):
     text = (manifest.Path(run_cfg.run_dir) / manifest.MANIFEST_FILE).read_text()
     for name, value in secrets.items():
         assert value not in text and name not in text
+    assert "PROFILEsecret" not in text and "hf_PROFILE" not in text
+    assert "module load cuda" in text and '"OMP_NUM_THREADS": "1"' in text  # the rest of the plan is kept
     m = json.loads(text)
     assert m["slurm"] == slurm
     assert RunConfig.from_dict(m["config"]) == run_cfg

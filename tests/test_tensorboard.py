@@ -2,7 +2,6 @@
 
 import sys
 
-import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from telepathy import tb

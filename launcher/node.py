@@ -1,0 +1,233 @@
+"""What runs on each node of a SLURM job: torchrun for this node, then the preemption protocol.
+
+submitit starts one task per node (`srun`, `--ntasks-per-node=1`) and calls `NodeEntry(plan_path)()`
+in it, importing this module from the job's code snapshot. The entry
+
+1. builds this node's torchrun command from the plan and the SLURM environment: `--standalone` on one
+   node; otherwise c10d rendezvous on the job's first node, resolved here on the compute node, at a port
+   derived from the job id. An unresolvable (or wrongly loopback) first node is an error, never a
+   silent fall-back to localhost;
+2. starts torchrun with SIGUSR2 *ignored*: torchrun has no handler for it (the default action kills
+   it), an ignored disposition survives exec, and the workers install their own handler;
+3. on SIGUSR2 (SLURM's `--signal=USR2@T` before the time limit, or `scancel --signal=USR2`), which
+   SLURM delivers to every process of the step, only notes it: the workers checkpoint at the next step
+   boundary and exit; torchrun then exits 1. The checkpoint is durable once rank 0 has written
+   RUN/preempted.json, and only then does the first task requeue the job (`scontrol requeue`), at most
+   `profile.max_requeues` times (SLURM_RESTART_COUNT). The other nodes wait for the requeue to end them.
+
+SIGTERM (scancel, a SLURM-driven preemption, the hard time limit) never requeues from here: a user's
+cancel must stay cancelled, and SLURM requeues PreemptMode=REQUEUE jobs itself.
+Torch-free at import: the submitting CLI pickles a NodeEntry by reference.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+PORT_BASE, PORT_SPAN = 20000, 12000  # below Linux's ephemeral range (32768+), so no client socket holds it
+CHECKPOINT_WAIT_S = 120  # after torchrun exits on a signal: how long to wait for rank 0's preempted.json
+REQUEUE_WAIT_S = 120  # other nodes: how long to wait for the first task's requeue to end them
+
+
+class RendezvousError(RuntimeError):
+    """The first node cannot be reached as the rendezvous host from this node."""
+
+
+@dataclass(frozen=True)
+class SlurmTask:
+    """This task's view of the job, from the variables SLURM sets in every task."""
+
+    job_id: str  # SLURM_JOB_ID: unique per array task, and kept across requeues
+    requeue_id: str  # what `scontrol requeue` takes: ARRAYJOB_TASK for an array task, else the job id
+    procid: int  # one task per node, so this is also the node's rank
+    nnodes: int
+    nodelist: str
+    restarts: int  # SLURM_RESTART_COUNT: requeues so far
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | os._Environ = os.environ) -> "SlurmTask":
+        try:
+            job_id = env["SLURM_JOB_ID"]
+            array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+            return cls(job_id=job_id, requeue_id=f"{array_job}_{array_task}" if array_job else job_id,
+                       procid=int(env.get("SLURM_PROCID", 0)), nnodes=int(env.get("SLURM_JOB_NUM_NODES", 1)),
+                       nodelist=env.get("SLURM_JOB_NODELIST", ""), restarts=int(env.get("SLURM_RESTART_COUNT", 0)))
+        except KeyError:
+            raise RuntimeError("the node entry runs inside a SLURM job (SLURM_JOB_ID is not set)") from None
+
+
+def rendezvous_port(job_id: str, restarts: int) -> int:
+    """Same on every node of a job; differs between concurrent jobs (whose ids differ by less than the
+    span) and between attempts of a requeued job (a stale listener from the last attempt cannot collide)."""
+    return PORT_BASE + (int(job_id) + 7 * restarts) % PORT_SPAN
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list (n[1-2],gpu07) as names: scontrol is the reference; submitit's
+    parser when scontrol is missing on compute nodes, as on some clusters."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from submitit.slurm.slurm import _parse_node_list  # noqa: PLC0415
+
+    return _parse_node_list(nodelist)
+
+
+def _addresses(host: str) -> set[str]:
+    return {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+
+
+def check_rendezvous_host(host: str) -> None:
+    """Fail loudly unless `host` resolves here to an address SLURM also uses for it. A name that
+    resolves to loopback while SLURM reaches the node elsewhere would make each node rendezvous with
+    itself (the classic silent localhost fall-back)."""
+    here = socket.gethostname()
+    try:
+        mine = _addresses(host)
+    except OSError as e:
+        raise RendezvousError(f"rendezvous host {host} (first node of the job) does not resolve on {here}: {e}; "
+                              "fix name resolution of the compute nodes") from None
+    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in mine):
+        return
+    try:
+        line = subprocess.run(["scontrol", "show", "node", host, "-o"], capture_output=True, text=True,
+                              timeout=30, check=True).stdout
+        node_addr = next(f.split("=", 1)[1] for f in line.split() if f.startswith("NodeAddr="))
+        slurms = _addresses(node_addr)
+    except (OSError, subprocess.SubprocessError, StopIteration) as e:
+        raise RendezvousError(f"rendezvous host {host} resolves to loopback ({', '.join(sorted(mine))}) on {here} "
+                              f"and SLURM's address for it is unknown ({e}); refusing to rendezvous on localhost") from None
+    if not mine & slurms:
+        raise RendezvousError(f"rendezvous host {host} resolves to {', '.join(sorted(mine))} on {here}, but SLURM "
+                              f"reaches it at {node_addr} ({', '.join(sorted(slurms))}): fix /etc/hosts or DNS "
+                              "on the compute nodes")
+
+
+class _Signals:
+    """SIGUSR2 and SIGTERM only set flags here; what to do is decided once torchrun has exited.
+    Installed over submitit's handlers (which would requeue immediately, before any checkpoint)."""
+
+    def __init__(self) -> None:
+        self.usr2 = False
+        self.term = False
+        signal.signal(signal.SIGUSR2, self._on_usr2)
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_usr2(self, signum: int, frame: FrameType | None) -> None:
+        self.usr2 = True
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        self.term = True
+
+
+def _ignore_usr2() -> None:  # runs in the child between fork and exec
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def start_torchrun(argv: list[str], **popen_kwargs) -> subprocess.Popen:
+    """torchrun (or any launcher) with SIGUSR2 ignored; workers that handle it still get it."""
+    return subprocess.Popen(argv, preexec_fn=_ignore_usr2, **popen_kwargs)
+
+
+def _log(task: SlurmTask, message: str) -> None:
+    print(f"[telepathy node {task.procid}/{task.nnodes} job {task.requeue_id}] {message}", flush=True)
+
+
+def _wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+class NodeEntry:
+    """The callable submitit runs in each task (one per node). Holds only the plan's path: everything
+    else is read on the node, from the run folder and the code snapshot."""
+
+    def __init__(self, plan_path: str) -> None:
+        self.plan_path = plan_path
+
+    def __repr__(self) -> str:
+        return f"NodeEntry({self.plan_path!r})"
+
+    def torchrun_argv(self, plan, task: SlurmTask) -> list[str]:
+        from launcher.plan import torchrun_command  # noqa: PLC0415 (from the snapshot, like everything here)
+
+        endpoint = rdzv_id = ""
+        if plan.layout.nodes > 1:
+            host = expand_nodelist(task.nodelist)[0]
+            check_rendezvous_host(host)
+            endpoint = f"{host}:{rendezvous_port(task.job_id, task.restarts)}"
+            rdzv_id = f"{task.job_id}-{task.restarts}"
+        argv = torchrun_command(plan, config_path=str(Path(plan.run.run_dir) / "config.json"), node_rank=task.procid,
+                                rdzv_endpoint=endpoint, rdzv_id=rdzv_id)
+        # torchrun is torch.distributed.run: run it with this interpreter, whatever PATH holds
+        return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+
+    def __call__(self) -> dict:
+        from launcher.plan import Plan  # noqa: PLC0415
+        from telepathy.train import EXIT_PREEMPTED, PREEMPTED_FILE  # noqa: PLC0415 (torch-free at import)
+
+        plan = Plan.load(self.plan_path)
+        task = SlurmTask.from_env()
+        if task.nnodes != plan.layout.nodes:
+            raise RuntimeError(f"the plan wants {plan.layout.nodes} node(s) but the job has {task.nnodes}")
+        run_dir = Path(plan.run.run_dir)
+        marker = run_dir / PREEMPTED_FILE
+        if task.procid == 0:
+            marker.unlink(missing_ok=True)  # from here on it can only mean "this attempt checkpointed"
+        signals = _Signals()
+        argv = self.torchrun_argv(plan, task)
+        _log(task, f"attempt {task.restarts + 1} on {socket.gethostname()}, code {Path(__file__).resolve().parents[1]}")
+        _log(task, shlex.join(argv))
+        rc = start_torchrun(argv).wait()
+        if rc == 0:
+            _log(task, "torchrun finished")
+            return {"state": "completed", "run_dir": str(run_dir), "attempt": task.restarts + 1}
+        if not signals.usr2:
+            raise RuntimeError(f"torchrun exited with code {rc}; see the worker logs in {run_dir / 'logs'}")
+        if not _wait_for(marker.is_file, CHECKPOINT_WAIT_S):
+            raise RuntimeError(f"SIGUSR2 received and torchrun exited ({rc}), but no preemption checkpoint was "
+                               f"recorded ({marker} missing after {CHECKPOINT_WAIT_S} s): not requeueing")
+        step = json.loads(marker.read_text()).get("step")
+        if task.procid != 0:
+            _log(task, f"checkpoint at step {step} is written; waiting for the requeue")
+            _wait_for(lambda: signals.term, REQUEUE_WAIT_S)
+            raise SystemExit(EXIT_PREEMPTED)
+        self._requeue(task, plan.profile.max_requeues, step)
+        raise SystemExit(EXIT_PREEMPTED)  # no result file: the requeued attempt writes it
+
+    @staticmethod
+    def _requeue(task: SlurmTask, max_requeues: int, step: int | None) -> None:
+        if task.restarts >= max_requeues:
+            _log(task, f"checkpoint at step {step} written; NOT requeued: already requeued {task.restarts} time(s) "
+                       f"(max_requeues={max_requeues}). Continue with `launch resubmit`.")
+            return
+        try:
+            subprocess.run(["scontrol", "requeue", task.requeue_id], check=True, timeout=60, capture_output=True,
+                           text=True)
+        except subprocess.CalledProcessError as e:
+            _log(task, f"checkpoint at step {step} written; `scontrol requeue {task.requeue_id}` failed "
+                       f"({e.stderr.strip()}). Continue with `launch resubmit`.")
+            return
+        except (OSError, subprocess.TimeoutExpired) as e:
+            _log(task, f"checkpoint at step {step} written; scontrol unusable here ({e}). Continue with `launch resubmit`.")
+            return
+        _log(task, f"checkpoint at step {step} written; requeued ({task.restarts + 1}/{max_requeues})")

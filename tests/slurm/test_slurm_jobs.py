@@ -1,0 +1,250 @@
+"""Real jobs on the real local cluster (slurm/up.sh): tiny-llama -> tiny-qwen trained through torchrun
+with gloo on 1 node, 2 x 1 and 2 x 2; a 3-task array sweep; preemption by SIGUSR2 with requeue, resume
+and resubmission to the same weights as an uninterrupted run; hostile strings; the code snapshot;
+`launch status | logs | cancel | resubmit`. The independent jobs are submitted together at the start
+(module fixture `started`) so they overlap; each test then checks its own."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cluster import (REPO, launch, launch_json, last_step, logs, status, tiny_plan, tiny_run, wait_done,
+                     wait_for)
+from launcher import jobs
+from launcher.sweep import expand_sweep
+from launcher.submit import render_sbatch, submit_slurm
+
+pytestmark = pytest.mark.slurm
+
+STEPS = 60  # long enough to preempt twice mid-run on 2 busy cores
+TOKEN = f"hf_never_in_files_{uuid.uuid4().hex}"
+PWNED = f"telepathy-pwned-{uuid.uuid4().hex[:8]}"
+# Every way out of a quote: if any of these ran, a file named PWNED* would appear.
+HOSTILE = f"a b'c\"d $(touch {PWNED}1) `touch {PWNED}2`; touch {PWNED}3 && x"
+HOSTILE_ENV = f"$(touch {PWNED}4) ' \" ; touch {PWNED}5 `touch {PWNED}6`\ntouch {PWNED}7\n"
+
+DRIVER = """
+import json, sys
+import launcher
+from launcher.plan import Plan
+from launcher.submit import render_sbatch, submit_slurm
+plan = Plan.load(sys.argv[1])
+open(sys.argv[2], "w").write(render_sbatch(plan))
+result = submit_slurm([plan])
+print(json.dumps({"imported_from": launcher.__file__, **result.to_dict()}))
+"""
+
+
+def _copy_checkout(dest: Path) -> Path:
+    for part in ("launcher", "telepathy", "configs"):
+        shutil.copytree(REPO / part, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def started(slurm_cluster, tmp_path_factory):
+    """Submit the independent jobs at once: the reference run (from a copy of the checkout, parked in the
+    DOWN partition `hold` until its test edits that copy), the run to preempt, the hostile 2 x 1 run, the sweep."""
+    base = tmp_path_factory.mktemp("jobs")
+    out: dict = {"base": base}
+
+    checkout = _copy_checkout(base / "checkout")
+    ref = tiny_plan(tiny_run(base / "reference", steps=STEPS), partition="hold")
+    ref.save(base / "reference-plan.json")
+    drv = subprocess.run([sys.executable, "-c", DRIVER, str(base / "reference-plan.json"), str(base / "rendered.sh")],
+                         cwd=checkout, env=dict(os.environ, PYTHONPATH=str(checkout)), capture_output=True,
+                         text=True, timeout=120)
+    assert drv.returncode == 0, drv.stderr
+    out["reference"] = {"plan": ref, "checkout": checkout, "driver": json.loads(drv.stdout.splitlines()[-1])}
+
+    preempt = tiny_plan(tiny_run(base / "preempted", steps=STEPS), max_requeues=1)
+    out["preempted"] = {"plan": preempt, "result": submit_slurm([preempt])}
+
+    probe = base / "probe"
+    probe.mkdir()
+    hostile = tiny_plan(tiny_run(base / HOSTILE / "r2x1"), gpus=2, gpus_per_node=1)
+    prof = dataclasses.replace(hostile.profile, env={**hostile.profile.env, "TELEPATHY_PROBE": HOSTILE_ENV}, setup=(
+        f"printenv TELEPATHY_PROBE > {shlex.quote(str(probe / 'value'))}",
+        f"if [ -n \"${{HF_TOKEN:-}}\" ]; then touch {shlex.quote(str(probe / 'token_seen'))}; fi"))
+    hostile = dataclasses.replace(hostile, profile=prof)
+    os.environ["HF_TOKEN"] = TOKEN  # as a user's shell would have it: sbatch passes it on, nothing writes it
+    try:
+        out["hostile"] = {"plan": hostile, "result": submit_slurm([hostile]), "probe": probe}
+    finally:
+        del os.environ["HF_TOKEN"]
+
+    sweep_dir = base / "sweep"
+    plans = [tiny_plan(tiny_run(sweep_dir / name, name=f"sweep.{name}").replace(**o))
+             for name, o in expand_sweep(["seed=1,2,3"])]
+    out["sweep"] = {"plans": plans, "dir": sweep_dir, "result": submit_slurm(plans, sweep_dir=sweep_dir)}
+    yield out
+    # leave the cluster clean whatever failed: cancel whatever of ours is still queued or running
+    for record in base.rglob("jobs.json"):
+        jobs.cancel(jobs.JobRecord.load(record.parent))
+
+
+def test_cli_sweep_is_one_array_per_max_array_size_and_cancels(slurm_cluster, tmp_path):
+    """`launch --sweep` end to end through the CLI, parked in the DOWN partition: 3 tasks with
+    --max-array-size 2 are two array jobs, the second after the first; `launch cancel` cancels all."""
+    out = launch("--pair", "tiny-llama-tiny-qwen", "--task", "demo", "--sweep", "seed=1,2,3", "--steps", "2",
+                 "--cluster", "local", "--partition", "hold", "--max-array-size", "2", "--name", "swf",
+                 "--runs-dir", str(tmp_path), "--slurm")
+    assert out.returncode == 0, out.stderr
+    root = tmp_path / "swf"
+    record = jobs.JobRecord.load(root)
+    first, second = [s["job_id"] for s in record.submissions]
+    assert [t.job_id for t in record.tasks] == [f"{first}_0", f"{first}_1", second]  # a chunk of one is a plain job
+    shown = subprocess.run(["scontrol", "show", "job", second], capture_output=True, text=True).stdout
+    assert f"Dependency=afterany:{first}" in shown
+    array = subprocess.run(["squeue", "-h", "-r", "-j", first, "-o", "%i %P %T"], capture_output=True, text=True).stdout
+    assert sorted(array.split("\n")[:2]) == [f"{first}_0 hold PENDING", f"{first}_1 hold PENDING"]
+    rows = launch_json("status", str(root))["tasks"]
+    assert [r["state"] for r in rows] == ["PENDING"] * 3 and [r["name"][:3] for r in rows] == ["000", "001", "002"]
+    cancelled = launch_json("cancel", str(root))["cancelled"]
+    assert sorted(cancelled) == sorted(t.job_id for t in record.tasks)
+    rows = wait_for(lambda: (r := status(root)) and all(x["state"] == "CANCELLED" for x in r) and r, "cancel")
+    assert len(rows) == 3
+    again = launch_json("resubmit", str(root), "--task", "2")  # cancelled tasks can be submitted again
+    assert again["submitted"] == [2] and again["code_dir"] == record.submissions[-1]["code_dir"]
+    assert launch_json("cancel", str(root), "--task", "2")["cancelled"] == [jobs.JobRecord.load(root).tasks[2].job_id]
+
+
+def test_one_node_job_runs_its_snapshot_and_the_submitted_bytes_are_the_dry_run(started):
+    ref = started["reference"]
+    plan, checkout, driver = ref["plan"], ref["checkout"], ref["driver"]
+    assert driver["imported_from"].startswith(str(checkout))  # submitted by the copy, not the repo
+    root = Path(driver["root"])
+    job_id = driver["job_ids"][0]
+    # The job is parked; break the checkout it was submitted from, then let it run.
+    for f in ("telepathy/train.py", "launcher/node.py", "launcher/plan.py"):
+        (checkout / f).write_text('raise SystemExit("the edited checkout ran, not the snapshot")\n')
+    (checkout / "configs" / "tasks" / "demo.yaml").write_text("not: [valid\n")
+    subprocess.run(["scontrol", "update", f"job={job_id}", "partition=debug"], check=True)
+    (row,) = wait_done(root)
+    assert row["state"] == "COMPLETED", logs(root)
+    assert (row["step"], row["steps"], row["attempts"]) == (STEPS, STEPS, 1)
+    assert (root / "eval.json").is_file() and (Path(driver["code_dir"]) / "code_version.json").is_file()
+    assert f"code {driver['code_dir']}" in logs(root)
+    submitted = root / "slurm" / f"{job_id}_submission.sh"
+    assert submitted.read_bytes() == (started["base"] / "rendered.sh").read_bytes()  # dry-run == submission
+
+    cli = launch_json("status", str(root))
+    assert cli["schema"] == 1 and cli["kind"] == "run"
+    (task,) = cli["tasks"]
+    assert {k: task[k] for k in ("state", "step", "steps", "nodes", "complete")} == {
+        "state": "COMPLETED", "step": STEPS, "steps": STEPS, "nodes": "n1", "complete": True}
+    assert task["loss"] == jobs.last_train_record(root)["loss"] and task["elapsed_s"] > 0
+    text = launch("logs", str(root))
+    assert text.returncode == 0 and "torchrun finished" in text.stdout and f"step {STEPS}/{STEPS}" in text.stdout
+    followed = launch("logs", str(root), "--follow", timeout=60)  # ends by itself: the job is over
+    assert followed.returncode == 0 and followed.stdout == text.stdout and "COMPLETED" in followed.stderr
+    table = launch("status", str(root))
+    assert "COMPLETED" in table.stdout and f"{STEPS}/{STEPS}" in table.stdout
+
+
+def test_preempted_task_requeues_resumes_and_ends_with_the_uninterrupted_weights(started):
+    """USR2 mid-training -> checkpoint -> requeue -> resume; USR2 again with max_requeues=1 spent -> the job
+    stops (FAILED, exit 75) -> `launch resubmit` -> completes. Final bridge: bitwise the reference's."""
+    from telepathy.checkpoint import latest_valid
+
+    root = Path(started["preempted"]["result"].root)
+    job_id = started["preempted"]["result"].job_ids[0]
+    wait_for(lambda: last_step(root) >= 2, "training to start", timeout=300)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    wait_for(lambda: "requeued (1/1)" in logs(root), "the requeue", timeout=120)
+    first_stop = json.loads((root / "preempted.json").read_text())["step"] if (root / "preempted.json").exists() else None
+    wait_for(lambda: "attempt 2 on" in logs(root), "the second attempt", timeout=120)
+    wait_for(lambda: "resumed from" in logs(root) and last_step(root) >= (first_stop or 2) + 2, "resumed training",
+             timeout=240)
+    assert last_step(root) < STEPS, "finished before the second signal: raise STEPS"
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    (row,) = wait_done(root, timeout=180)
+    assert row["state"] == "FAILED" and row["exit_code"] == "75:0" and row["attempts"] == 2, logs(root)
+    assert "NOT requeued: already requeued 1 time(s)" in logs(root)
+    stopped_at = row["checkpoint_on_preemption"]
+    assert stopped_at is not None and stopped_at < STEPS and not row["complete"]
+
+    again = launch_json("resubmit", str(root))
+    assert again["submitted"] == [0] and len(again["job_ids"]) == 1
+    (row,) = wait_done(root)
+    assert row["state"] == "COMPLETED" and row["submissions"] == 2 and row["complete"], logs(root)
+    text = logs(root)
+    assert text.count("resumed from") == 2 and f"step_{stopped_at:06d}" in text
+
+    ref_root = Path(started["reference"]["driver"]["root"])
+    wait_done(ref_root)
+    straight, resumed = latest_valid(ref_root), latest_valid(root)
+    assert straight.step == resumed.step == STEPS
+    a, b = straight.bridge(), resumed.bridge()
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_two_nodes_by_one_process_rendezvous_over_c10d_with_hostile_strings_quoted(started):
+    hostile = started["hostile"]
+    root = Path(hostile["result"].root)
+    (row,) = wait_done(root)
+    assert row["state"] == "COMPLETED", logs(root)
+    assert row["nodes"] == "n[1-2]" and row["step"] == 4
+    node0, node1 = (root / "slurm" / f"{row['job_id']}_{k}_log.out" for k in (0, 1))
+    for log in (node0, node1):
+        text = log.read_text()
+        assert "--nnodes=2" in text and "--rdzv_backend=c10d" in text and "--rdzv_endpoint=n1:" in text
+    assert "--node_rank=1" in node1.read_text()
+    assert {p.name for p in (root / "logs").glob("worker_rank*.log")} == {"worker_rank0.log", "worker_rank1.log"}
+    # hostile strings: the value arrived verbatim, nothing ran
+    assert (hostile["probe"] / "value").read_text() == HOSTILE_ENV + "\n"
+    base = started["base"]
+    found = list(base.rglob(f"{PWNED}*")) + [p for d in (Path.cwd(), REPO, Path("/tmp"), Path.home())
+                                             for p in d.glob(f"{PWNED}*")]
+    assert found == []
+    # the token reached the job through the environment, and no file of the run holds it
+    assert (hostile["probe"] / "token_seen").exists()
+    leaks = [p for p in root.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert leaks == []
+    assert launch_json("status", str(root))["tasks"][0]["state"] == "COMPLETED"
+
+
+def test_two_nodes_by_two_processes(started):
+    """After the 2 x 1 job: 2 nodes x 2 processes = world size 4, ranks spread over both nodes."""
+    wait_done(started["hostile"]["result"].root)
+    plan = tiny_plan(tiny_run(started["base"] / "r2x2"), gpus=4, gpus_per_node=2)
+    assert (plan.layout.nodes, plan.layout.gpus_per_node) == (2, 2)
+    root = Path(submit_slurm([plan]).root)
+    (row,) = wait_done(root)
+    assert row["state"] == "COMPLETED" and row["nodes"] == "n[1-2]" and row["step"] == 4, logs(root)
+    assert {p.name for p in (root / "logs").glob("worker_rank*.log")} == {f"worker_rank{r}.log" for r in range(4)}
+    for k in (0, 1):
+        text = (root / "slurm" / f"{row['job_id']}_{k}_log.out").read_text()
+        assert "--nproc_per_node=2" in text and "--rdzv_endpoint=n1:" in text
+    assert launch_json("status", str(root))["tasks"][0]["nodes"] == "n[1-2]"
+
+
+def test_three_task_sweep_is_one_array_job_and_skips_completed_tasks_when_submitted_again(started):
+    sweep = started["sweep"]
+    result, root = sweep["result"], sweep["dir"]
+    assert result.kind == "sweep" and len(result.job_ids) == 1 and result.submitted == [0, 1, 2]
+    array = result.job_ids[0]
+    assert [t.job_id for t in jobs.JobRecord.load(root).tasks] == [f"{array}_{i}" for i in range(3)]
+    rows = wait_done(root)
+    assert [r["state"] for r in rows] == ["COMPLETED"] * 3, logs(root)
+    assert [r["step"] for r in rows] == [4, 4, 4]
+    seeds = [json.loads(Path(r["run_dir"], "config.json").read_text())["train"]["seed"] for r in rows]
+    assert seeds == [1, 2, 3] and len({r["loss"] for r in rows}) == 3  # three different runs
+    again = submit_slurm(sweep["plans"], sweep_dir=root)
+    assert again.submitted == [] and again.skipped_complete == [0, 1, 2] and again.job_ids == []
+    cli = launch_json("status", str(root))
+    assert cli["kind"] == "sweep" and [t["state"] for t in cli["tasks"]] == ["COMPLETED"] * 3
+    one = launch_json("status", rows[1]["run_dir"])  # a task's own folder selects that task
+    assert [t["index"] for t in one["tasks"]] == [1]
+    assert "--task I" in launch("logs", str(root)).stderr  # a sweep's log needs a task
+    assert f"{array}_2" in launch("logs", str(root), "--task", "2").stdout

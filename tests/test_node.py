@@ -1,0 +1,93 @@
+"""The node entry's pieces that need no SLURM: rendezvous naming and the SIGUSR2 hand-off through a
+real torchrun (the full protocol runs on the real cluster in tests/slurm)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from launcher.node import (PORT_BASE, PORT_SPAN, RendezvousError, SlurmTask, check_rendezvous_host,
+                           expand_nodelist, rendezvous_port, start_torchrun)
+
+
+def test_slurm_task_from_env_uses_the_array_task_id_for_requeue():
+    env = {"SLURM_JOB_ID": "107", "SLURM_ARRAY_JOB_ID": "100", "SLURM_ARRAY_TASK_ID": "7", "SLURM_PROCID": "1",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_RESTART_COUNT": "2"}
+    t = SlurmTask.from_env(env)
+    assert (t.job_id, t.requeue_id, t.procid, t.nnodes, t.restarts) == ("107", "100_7", 1, 2, 2)
+    plain = SlurmTask.from_env({"SLURM_JOB_ID": "9"})
+    assert (plain.requeue_id, plain.procid, plain.nnodes, plain.restarts) == ("9", 0, 1, 0)
+    with pytest.raises(RuntimeError, match="inside a SLURM job"):
+        SlurmTask.from_env({})
+
+
+def test_port_is_per_job_and_attempt_and_below_the_ephemeral_range():
+    ports = {rendezvous_port(str(j), 0) for j in range(1000, 1100)}
+    assert len(ports) == 100 and all(PORT_BASE <= p < PORT_BASE + PORT_SPAN < 32768 for p in ports)
+    assert rendezvous_port("1234", 1) != rendezvous_port("1234", 0)
+    assert rendezvous_port("1234", 3) == rendezvous_port("1234", 3)  # every node computes the same
+
+
+def test_nodelist_expansion_without_scontrol(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # as on clusters whose compute nodes lack scontrol
+    assert expand_nodelist("gpu[07-09,12],login1") == ["gpu07", "gpu08", "gpu09", "gpu12", "login1"]
+
+
+def test_unresolvable_rendezvous_host_is_a_loud_error():
+    with pytest.raises(RendezvousError, match="does not resolve"):
+        check_rendezvous_host("no-such-node.invalid")
+
+
+def test_loopback_rendezvous_host_without_slurm_is_refused(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # SLURM cannot confirm that loopback is right
+    with pytest.raises(RendezvousError, match="refusing to rendezvous on localhost"):
+        check_rendezvous_host("localhost")
+
+
+WORKER = textwrap.dedent("""
+    import os, signal, sys, time
+    out = sys.argv[1]
+    got = []
+    signal.signal(signal.SIGUSR2, lambda *a: got.append(1))
+    open(os.path.join(out, "ready_" + os.environ["RANK"]), "w").close()
+    while not got:
+        time.sleep(0.05)
+    open(os.path.join(out, "checkpoint_" + os.environ["RANK"]), "w").close()
+    sys.exit(75)
+""")
+
+
+def _run_and_signal_tree(tmp_path, ignore_usr2: bool) -> tuple[int, set[str]]:
+    """torchrun with 2 workers; once both are up, SIGUSR2 to every process, as SLURM signals a step."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+            str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = start_torchrun if ignore_usr2 else subprocess.Popen
+    proc = launch(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready_*"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.05)
+    tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for p in tree:
+        p.send_signal(signal.SIGUSR2)
+    rc = proc.wait(timeout=120)
+    return rc, {p.name for p in tmp_path.glob("checkpoint_*")}
+
+
+def test_torchrun_survives_sigusr2_and_its_workers_checkpoint(tmp_path):
+    rc, checkpoints = _run_and_signal_tree(tmp_path, ignore_usr2=True)
+    assert checkpoints == {"checkpoint_0", "checkpoint_1"}
+    assert rc == 1  # torchrun's own "a worker failed" exit, not death by signal (-12)
+
+
+def test_without_the_ignored_disposition_torchrun_dies_of_sigusr2(tmp_path):
+    rc, _ = _run_and_signal_tree(tmp_path, ignore_usr2=False)
+    assert rc == -signal.SIGUSR2

@@ -1,0 +1,116 @@
+"""The sbatch script, rendered without SLURM (what --dry-run prints): resources, preemption, snapshot,
+environment, quoting and refusals. Submission of the same bytes to a real cluster is in tests/slurm."""
+
+import shlex
+import subprocess
+
+import pytest
+
+from launcher.plan import make_plan
+from launcher.profiles import ClusterProfile, load_profile
+from launcher.submit import job_env, render_sbatch
+from telepathy.config import RunConfig
+from telepathy.errors import UserError
+from telepathy.registry import load_registry
+
+REG = load_registry()
+PAIR = REG.pair("tiny-llama-tiny-qwen")
+
+
+def plan_at(run_dir, gpus=2, profile="local", **overrides):
+    prof = load_profile(profile, {k: str(v) for k, v in overrides.items()}, environ={})
+    cfg = RunConfig(sender="tiny-llama", receiver="tiny-qwen", run_dir=str(run_dir), name="r1")
+    return make_plan(PAIR, cfg, gpus=gpus, profile=prof, mode="slurm")
+
+
+def with_env(plan, **env):
+    from dataclasses import replace
+
+    return replace(plan, profile=replace(plan.profile, env={**plan.profile.env, **env}))
+
+
+def sbatch_lines(script: str) -> dict[str, str]:
+    out = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --"):].partition("=")
+            out[key] = value
+    return out
+
+
+def test_one_task_per_node_with_all_its_gpus_and_preemption_settings(tmp_path):
+    plan = plan_at(tmp_path / "r1", gpus=8, gpus_per_node=4, cpus_per_gpu=3, mem_per_gpu_gb=2, signal_delay_s=45,
+                   account="proj", qos="high", time_limit_min=90)
+    script = render_sbatch(plan)
+    s = sbatch_lines(script)
+    assert (s["nodes"], s["ntasks-per-node"], s["gpus-per-node"], s["cpus-per-task"], s["mem"]) == ("2", "1", "4", "12", "8GB")
+    assert (s["signal"], s["time"], s["account"], s["qos"], s["partition"]) == ("USR2@45", "90", "proj", "high", "debug")
+    assert "requeue" in s and "wckey" not in s and "error" not in s  # stderr goes to the one log per node
+    assert s["output"] == f"{tmp_path}/r1/slurm/%j_0_log.out"
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "--kill-on-bad-exit=1" in srun and "--unbuffered" in srun and "-m submitit.core._submit" in srun
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_the_job_runs_the_snapshot_with_the_job_environment(tmp_path):
+    plan = plan_at(tmp_path / "r1", hf_home="/shared/hf cache")
+    script = render_sbatch(plan)
+    code = f"{tmp_path}/r1/code/1"
+    assert f"cd {code}" in script and f"export PYTHONPATH={code}${{PYTHONPATH:+:$PYTHONPATH}}" in script
+    assert script.index(f"cd {code}") < script.index("srun ")
+    for line in ("export PYTHONUNBUFFERED=1", "export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+                 "export HF_HOME='/shared/hf cache'", "export OMP_NUM_THREADS=1", f"export TELEPATHY_CONFIGS={code}/configs"):
+        assert line in script
+    assert "# batch: micro" in script  # the header says what the planner chose and why
+
+
+def test_rendering_writes_nothing(tmp_path):
+    render_sbatch(plan_at(tmp_path / "r1"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_renders_one_array_script(tmp_path):
+    plans = [plan_at(tmp_path / "sw" / f"00{i}-seed={i}", array_parallelism=2) for i in range(3)]
+    script = render_sbatch(plans, sweep_dir=tmp_path / "sw")
+    s = sbatch_lines(script)
+    assert s["array"] == "0-2%2" and s["job-name"] == "sw" and s["output"].endswith("/sw/slurm/%A_%a_0_log.out")
+    assert "%A_%a_%t_log.out" in script
+
+
+def test_hostile_strings_are_quoted(tmp_path):
+    evil = tmp_path / "a b'c\"$(touch PWNED);`touch PWNED2`&&x"
+    plan = with_env(plan_at(evil / "r1"), PROBE="$(touch PWNED3) ' \" ; `id` \n newline")
+    script = render_sbatch(plan)
+    cd = next(line for line in script.splitlines() if line.startswith("cd "))
+    assert shlex.split(cd) == ["cd", f"{evil}/r1/code/1"]
+    assert "export PROBE='$(touch PWNED3) '\"'\"' \" ; `id` \n newline'" in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+@pytest.mark.parametrize("bad", ["new\nline", "car\rreturn", "per%cent", "back\\slash"])
+def test_paths_that_cannot_go_into_a_script_are_refused(tmp_path, bad):
+    with pytest.raises(UserError, match="cannot go into an sbatch script"):
+        render_sbatch(plan_at(tmp_path / bad / "r1"))
+
+
+@pytest.mark.parametrize("name", ["HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "MY_PASSWORD"])
+def test_secret_like_profile_variables_are_refused(tmp_path, name):
+    with pytest.raises(UserError, match="looks like a secret"):
+        render_sbatch(with_env(plan_at(tmp_path / "r1"), **{name: "x"}))
+
+
+def test_bad_variable_names_are_refused(tmp_path):
+    with pytest.raises(UserError, match="not a valid variable name"):
+        render_sbatch(with_env(plan_at(tmp_path / "r1"), **{"A B;touch x": "1"}))
+
+
+def test_tokens_in_the_environment_never_reach_the_script(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
+    assert "hf_secret_value_123" not in render_sbatch(plan_at(tmp_path / "r1"))
+
+
+def test_profile_env_overrides_defaults():
+    prof = ClusterProfile(name="p", gpus_per_node=8, gpu_memory_gb=80, env={"OMP_NUM_THREADS": "4"})
+    plan = make_plan(PAIR, RunConfig(sender="tiny-llama", receiver="tiny-qwen", run_dir="/r"), gpus=1, profile=prof,
+                     mode="slurm")
+    assert job_env(plan, __import__("pathlib").Path("/c"))["OMP_NUM_THREADS"] == "4"

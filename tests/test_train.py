@@ -1,0 +1,98 @@
+"""The worker's loop in one process: schedule, an in-process run end to end, exact resume after a real
+SIGUSR2, and resuming past a damaged newest checkpoint."""
+
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+from distributed.tiny_run import final_bridge, finish, losses, output, start, tiny_config, train_records, wait_for_step
+from telepathy import checkpoint as ckpt
+from telepathy.backends import lr_factor
+from telepathy.config import TrainConfig
+from telepathy.train import EXIT_PREEMPTED, run
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    t = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(t, 0) == pytest.approx(0.1)
+    assert lr_factor(t, 9) == pytest.approx(1.0)
+    assert lr_factor(t, 10) == pytest.approx(1.0)
+    assert lr_factor(t, 60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(t, 110) == pytest.approx(0.1)
+    assert all(lr_factor(t, s) >= lr_factor(t, s + 1) for s in range(10, 110))
+
+
+def test_in_process_run_trains_checkpoints_and_evaluates(tmp_path):
+    cfg = tiny_config(tmp_path, steps=4, checkpoint_every=2).replace(predicted_peak_gib=1.5)
+    result = run(cfg)
+    assert result["accuracy"]["bridge"] >= 0 and json.loads((tmp_path / "eval.json").read_text()) == result
+    records = train_records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["loss"] < records[0]["loss"]  # lr 1e-3 on 32 examples: it learns
+    assert records[0]["lr"] == pytest.approx(1e-3)  # warmup_steps=1: full rate at the first step
+    for r in records:
+        assert r["grad_norm"] > 0 and r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and math.isfinite(r["loss"])
+    memory = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "memory"]
+    assert [m["phase"] for m in memory] == ["loaded", "first_step"]
+    assert all(m["predicted_peak_gib"] == 1.5 and m["rss_gib"] > 0 for m in memory)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    assert (tmp_path / "logs" / "worker_rank0.log").read_text()
+    # a finished run is not trained again
+    assert run(cfg) == result and len(train_records(tmp_path)) == 4
+
+
+def test_sigusr2_checkpoints_and_resume_is_bitwise_identical(tmp_path):
+    steps = 14
+    straight = tiny_config(tmp_path / "straight", steps=steps)
+    assert finish(start(straight, 1)) == 0, output(straight)
+
+    cut = tiny_config(tmp_path / "cut", steps=steps)
+    proc = start(cut, 1)
+    wait_for_step(cut.run_dir, 2, proc)
+    proc.send_signal(signal.SIGUSR2)
+    assert finish(proc) == EXIT_PREEMPTED, output(cut)
+    saved = ckpt.latest_valid(cut.run_dir)
+    assert 2 <= saved.step < steps and not (tmp_path / "cut" / "eval.json").exists()
+    assert json.loads((tmp_path / "cut" / "preempted.json").read_text()) == {"step": saved.step}
+    # the data position travels with the checkpoint: `step` global batches of epoch 0 consumed
+    assert saved.state["sampler"] == {"epoch": 0, "position": saved.step, "global_batch": 8}
+
+    assert finish(start(cut, 1)) == 0, output(cut)
+    assert "resumed from" in (tmp_path / "cut" / "logs" / "worker_rank0.log").read_text()
+    expected, got = final_bridge(straight.run_dir), final_bridge(cut.run_dir)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    straight_losses, cut_losses = losses(straight.run_dir), losses(cut.run_dir)
+    assert all(cut_losses[s] == straight_losses[s] for s in range(saved.step + 1, steps + 1))
+
+
+def test_damaged_newest_checkpoint_falls_back_and_retrains_the_same(tmp_path):
+    cfg = tiny_config(tmp_path, steps=4, checkpoint_every=2)
+    run(cfg)
+    newest = ckpt.step_dir(tmp_path, 4)
+    original = ckpt.Checkpoint(newest, 4).bridge()
+    damaged = newest / "bridge.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-8] + b"garbage!")
+    (tmp_path / "eval.json").unlink()
+
+    run(cfg)
+    log = (tmp_path / "logs" / "worker_rank0.log").read_text()
+    assert "step_000004 is unusable" in log and "resumed from " + str(ckpt.step_dir(tmp_path, 2)) in log
+    again = ckpt.latest_valid(tmp_path)
+    got = again.bridge()
+    assert again.step == 4, again
+    assert {k: (original[k] - got[k]).abs().max().item() for k in original} == {k: 0.0 for k in original}
+
+
+def test_sender_cache_trains_like_the_live_sender(tmp_path, monkeypatch):
+    monkeypatch.setenv("TELEPATHY_CACHE", str(tmp_path / "cache"))
+    live = tiny_config(tmp_path / "live", steps=2)
+    cached = tiny_config(tmp_path / "cached", steps=2, sender_cache=True)
+    run(live)
+    result = run(cached)
+    assert "bridge" in result["accuracy"] and (tmp_path / "cache" / "sender_states").is_dir()
+    a, b = train_records(live.run_dir), train_records(cached.run_dir)
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
