@@ -114,37 +114,58 @@ def _expand_job_id(job_id: str) -> list[str]:
     return out
 
 
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    except FileNotFoundError:
+        raise UserError(f"{cmd[0]} not found: run this where the SLURM client tools are installed") from None
+    except subprocess.CalledProcessError as e:
+        raise UserError(f"{cmd[0]} failed ({e.stderr.strip() or e.returncode}); is SLURM (and its accounting) up?") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{cmd[0]} did not answer within 60 s; the controller or its database may be down, try again") from None
+
+
 def sacct(job_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """One sacct call for any number of jobs and array tasks -> {job id: {State, NodeList, Elapsed,
-    ExitCode, attempts}}. With --duplicates every attempt of a requeued job is a row; the newest wins."""
-    base = sorted({j.split("_")[0] for j in job_ids}, key=int)
+    """SLURM's view of any number of jobs and array tasks in one sacct call -> {job id: {State, NodeList,
+    Elapsed, ExitCode, attempts}}. With --duplicates every attempt of a requeued job is a row (the newest
+    wins). Jobs the accounting database has not received yet (seconds after sbatch) come from one squeue call."""
+    wanted = set(job_ids)
+    base = sorted({j.split("_")[0] for j in wanted}, key=int)
     if not base:
         return {}
-    cmd = ["sacct", "--allocations", "--duplicates", "--parsable2", "--noheader",
-           f"--format={','.join(SACCT_FIELDS)}", f"--jobs={','.join(base)}"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
-    except FileNotFoundError:
-        raise UserError("sacct not found: run this where the SLURM client tools are installed") from None
-    except subprocess.CalledProcessError as e:
-        raise UserError(f"sacct failed ({e.stderr.strip() or e.returncode}); is SLURM accounting enabled?") from None
-    except subprocess.TimeoutExpired:
-        raise UserError("sacct did not answer within 60 s; the SLURM database may be down, try again") from None
+    out = _run(["sacct", "--allocations", "--duplicates", "--parsable2", "--noheader",
+                f"--format={','.join(SACCT_FIELDS)}", f"--jobs={','.join(base)}"])
     states: dict[str, dict[str, Any]] = {}
     for line in out.splitlines():
         row = dict(zip(SACCT_FIELDS, line.split("|")))
         if len(row) != len(SACCT_FIELDS):
             continue
         row["State"] = row["State"].split()[0] if row["State"] else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+        if row["NodeList"] in ("", "None assigned"):
+            row["NodeList"] = None
         for jid in _expand_job_id(row.pop("JobID")):
             attempts = states.get(jid, {}).get("attempts", 0) + 1
             states[jid] = {**row, "attempts": attempts}
+    for jid in wanted - set(states):  # an array cancelled before any task started is one row: "15"
+        if "_" in jid and jid.split("_")[0] in states:
+            states[jid] = states[jid.split("_")[0]]
+    missing = sorted({j.split("_")[0] for j in wanted - set(states)}, key=int)
+    if missing:
+        try:
+            out = _run(["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%N|%M",
+                        f"--jobs={','.join(missing)}"])
+        except UserError:  # squeue refuses ids the controller has forgotten: those stay UNKNOWN
+            out = ""
+        for line in out.splitlines():
+            jid, state, nodes, elapsed = (line.split("|") + ["", "", "", ""])[:4]
+            states.setdefault(jid.strip(), {"State": state, "NodeList": nodes or None, "Elapsed": elapsed,
+                                            "ExitCode": None, "attempts": 1})
     return states
 
 
 def elapsed_seconds(text: str) -> int | None:
-    """sacct's [D-]HH:MM:SS -> seconds."""
-    m = re.match(r"^(?:(\d+)-)?(\d+):(\d+):(\d+)$", text or "")
+    """sacct's [D-]HH:MM:SS or squeue's [[D-]H:]M:SS -> seconds."""
+    m = re.match(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$", text or "")
     if not m:
         return None
     d, h, mi, s = (int(x or 0) for x in m.groups())

@@ -17,6 +17,16 @@ in it, importing this module from the job's code snapshot. The entry
 
 SIGTERM (scancel, a SLURM-driven preemption, the hard time limit) never requeues from here: a user's
 cancel must stay cancelled, and SLURM requeues PreemptMode=REQUEUE jobs itself.
+
+What a cluster's preemption setting means for a run (the time-limit USR2 works everywhere):
+- PreemptMode=REQUEUE: SLURM sends SIGTERM (USR2 only with SlurmctldParameters=preempt_send_user_signal),
+  waits GraceTime, kills, and requeues the job itself. Workers checkpoint on SIGTERM too, and torchrun
+  gives them 30 s before killing them: progress since the last periodic checkpoint survives when one
+  step plus the checkpoint fit in min(GraceTime, 30 s).
+- PreemptMode=CANCEL: the job is cancelled and does not come back; `launch resubmit` continues it from
+  its newest checkpoint. PreemptMode=SUSPEND/GANG: no signal, nothing to do.
+- `scontrol requeue` needs JobRequeue (default on; the job also asks for --requeue) and scontrol on
+  the compute node; without them the job stops after its checkpoint and `launch resubmit` continues it.
 Torch-free at import: the submitting CLI pickles a NodeEntry by reference.
 """
 

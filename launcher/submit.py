@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from submitit import SlurmExecutor
 
-from launcher.jobs import JobRecord, SLURM_DIR, TaskRecord, is_active, now, sacct
+from launcher.jobs import JOBS_FILE, SLURM_DIR, JobRecord, TaskRecord, is_active, now, sacct
 from launcher.plan import Plan
 from launcher.sweep import chunks, is_complete
 from telepathy.errors import UserError
@@ -73,7 +73,8 @@ class SubmitResult:
             lines.append(f"  skipped {len(self.skipped_complete)} completed task(s)")
         if self.skipped_active:
             lines.append(f"  skipped {len(self.skipped_active)} task(s) still queued or running")
-        lines.append(f"  follow: launch status {shlex.quote(self.root)}   |   launch logs {shlex.quote(self.root)} --follow")
+        task = " --task 0" if self.kind == "sweep" else ""
+        lines.append(f"  follow: launch status {shlex.quote(self.root)}   |   launch logs {shlex.quote(self.root)}{task} --follow")
         return "\n".join(lines)
 
 
@@ -204,44 +205,32 @@ def _root_and_kind(plans: Sequence[Plan], sweep_dir: str | Path | None) -> tuple
     return Path(plans[0].run.run_dir).absolute(), "run"
 
 
-def _task_name(plan: Plan, root: Path, kind: str) -> str:
-    return Path(plan.run.run_dir).name if kind == "sweep" else plan.run.name
-
-
 def _record_for(plans: Sequence[Plan], root: Path, kind: str) -> JobRecord:
-    """The root's record, new or from an earlier submission of the same run or sweep. A task folder that
+    """The root's record: new, or from an earlier submission of the same run or sweep. A task folder that
     already holds a different configuration is an error: its checkpoints belong to that configuration."""
-    tasks = [TaskRecord(i, _task_name(p, root, kind), str(Path(p.run.run_dir).absolute())) for i, p in enumerate(plans)]
-    if not (root / "jobs.json").exists():
-        for p in plans:
-            _check_same_config(p)
-        return JobRecord(root=str(root), kind=kind, tasks=tasks)
+    for p in plans:
+        path = Path(p.run.run_dir) / "config.json"
+        if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(p.run.to_dict())):
+            raise UserError(f"{path.parent} already holds a run with another configuration; choose another --name "
+                            "(or `launch resubmit` to continue that run)")
+    run_dirs = [str(Path(p.run.run_dir).absolute()) for p in plans]
+    if not (root / JOBS_FILE).exists():
+        names = [Path(d).name if kind == "sweep" else p.run.name for d, p in zip(run_dirs, plans)]
+        return JobRecord(root=str(root), kind=kind, tasks=[TaskRecord(i, n, d) for i, (n, d) in enumerate(zip(names, run_dirs))])
     record = JobRecord.load(root)
-    old = {t.run_dir: t for t in record.tasks}
-    if record.kind != kind or set(old) != {t.run_dir for t in tasks}:
+    if record.kind != kind or [t.run_dir for t in record.tasks] != run_dirs:
         raise UserError(f"{root} already holds a different {record.kind} ({len(record.tasks)} task(s)); "
                         "choose another --name")
-    for p in plans:
-        _check_same_config(p)
     return record
 
 
-def _check_same_config(plan: Plan) -> None:
-    path = Path(plan.run.run_dir) / "config.json"
-    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(plan.run.to_dict())):
-        raise UserError(f"{path.parent} already holds a run with another configuration; choose another --name "
-                        "(or `launch resubmit` to continue that run)")
-
-
 def _select(record: JobRecord, indices: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
-    """(to submit, complete, still active) among the given task indices; one sacct call at most."""
+    """(to submit, complete, still queued or running) among the given task indices; one SLURM query."""
     tasks = [record.tasks[i] for i in indices]
     complete = [t.index for t in tasks if is_complete(t.run_dir)]
     open_ = [t for t in tasks if t.index not in complete]
-    states = sacct([t.job_id for t in open_ if t.job_id]) if any(t.job_id for t in open_) else {}
-    # UNKNOWN (not in accounting yet) counts as active: two jobs must never share a run folder
-    active = [t.index for t in open_ if t.job_id and (is_active(states.get(t.job_id, {}).get("State", "UNKNOWN"))
-                                                        or t.job_id not in states)]
+    states = sacct([t.job_id for t in open_ if t.job_id])
+    active = [t.index for t in open_ if t.job_id and is_active(states.get(t.job_id, {}).get("State", ""))]
     todo = [t.index for t in open_ if t.index not in active]
     return todo, complete, active
 
@@ -280,7 +269,7 @@ def render_sbatch(plans: Plan | Sequence[Plan], *, sweep_dir: str | Path | None 
     plans = [plans] if isinstance(plans, Plan) else list(plans)
     root, kind = _root_and_kind(plans, sweep_dir)
     n = len(plans)
-    if (root / "jobs.json").exists():  # submitting again: only what is left runs
+    if (root / JOBS_FILE).exists():  # submitting again: only what is left runs
         try:
             n = len(_select(_record_for(plans, root, kind), range(len(plans)))[0]) or n
         except UserError:

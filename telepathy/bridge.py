@@ -4,7 +4,6 @@ embedding space (the original system's final module, shared-notes original-syste
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from telepathy.bridge_shape import bridge_param_count  # noqa: F401  (re-exported: the closed form lives torch-free)

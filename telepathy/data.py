@@ -17,9 +17,10 @@ import csv
 import json
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import yaml
 
@@ -194,7 +195,7 @@ def _read_hub(spec: TaskSpec, split: str) -> list[Example]:
         raise UserError(f"task '{spec.name}' loads {spec.dataset} from the hub; pip install datasets") from None
     try:
         rows = datasets.load_dataset(spec.dataset, spec.config, split=split)
-    except Exception as e:  # network, auth, missing split: all end the run with the same advice
+    except Exception as e:  # noqa: BLE001  network, auth, missing split...: all end with the same advice
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"could not load {spec.dataset}{f'/{spec.config}' if spec.config else ''} split '{split}' "
                         f"({first}); check network access and HF_HOME, or pass a local .jsonl/.csv task") from None
@@ -282,7 +283,7 @@ class Collator:
         if len(longest) > answer_length:
             raise UserError(f"label '{spec.labels[self.answers.index(longest)]}' needs {len(longest)} answer tokens "
                             f"(with EOS) but answer_length is {answer_length}; raise data.answer_length")
-        head, _, tail = spec.prompt.partition("{text}")
+        _, _, tail = spec.prompt.partition("{text}")
         self._tail_ids = sender_tok(tail, add_special_tokens=False).input_ids
         if len(self._tail_ids) >= max_length:
             raise UserError(f"the prompt after {{text}} alone is {len(self._tail_ids)} tokens; raise max_length above it")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -140,7 +140,7 @@ def full_sender(model: TelepathyModel, pair: Pair, device: torch.device | str) -
 
 
 def evaluate(model: TelepathyModel, task: Task, tokenizers, eval_cfg: EvalConfig, device: torch.device | str, *,
-             data_cfg: DataConfig = DataConfig(), sender_lm: nn.Module | None = None) -> dict:
+             data_cfg: DataConfig | None = None, sender_lm: nn.Module | None = None) -> dict:
     """Accuracy of the bridge and of `eval_cfg.baselines` on `task.eval`, and bridge vs text-relay latency.
 
     `tokenizers` = (sender_tokenizer, receiver_tokenizer). The "sender" and "text_relay" baselines need the
@@ -149,7 +149,7 @@ def evaluate(model: TelepathyModel, task: Task, tokenizers, eval_cfg: EvalConfig
     Returns the dict written to eval.json.
     """
     device = torch.device(device)
-    ev = _Evaluator(model, task, tokenizers, eval_cfg, data_cfg, device, sender_lm)
+    ev = _Evaluator(model, task, tokenizers, eval_cfg, data_cfg or DataConfig(), device, sender_lm)
     methods = ["bridge"] + [m for m in eval_cfg.baselines if m != "bridge"]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -1,14 +1,15 @@
 """Analytic per-GPU memory of one training step, by component, in closed form. Torch-free.
 
 The planner calls this for every plan (each --dry-run, each task of a sweep), so it imports nothing heavy.
-Every term counts the bytes of tensors the step (telepathy/step.py) holds; the fake-tensor trace of that
-same step (telepathy/trace.py) checks the sum (tests/test_memory_calibration.py: within 5 %).
+Every term counts the bytes of tensors the step (telepathy/step.py, driven by telepathy/backends.py)
+holds; a fake-tensor trace of that same step (telepathy/trace.py) checks the sum within 5 %
+(tests/test_trace.py), and `launch memory --measure` checks it on a GPU.
 
-Peak = what lives through the whole step (weights, optimizer state) + the largest of four phases:
-  sender    the frozen, truncated sender's no-grad forward: one layer's transients over b x seq_len tokens;
-  receiver  bridge + receiver forward and backward: tensors saved for backward, plus backward transients;
-  optimizer the bridge's gradients and AdamW's foreach temporaries.
-Each phase is linear in the micro-batch, so the largest micro-batch that fits is closed form.
+Peak = max over the moments of a step that can hold it (MOMENTS): the sender's no-grad forward, the
+bridge's forward, the receiver's forward and the start of its backward (everything saved for backward is
+alive), the bridge's backward, the optimizer step (bridge gradients + AdamW's foreach temporaries); under
+FSDP also the all-gathers between them. Each moment is fixed + per-sample x micro-batch, so the largest
+micro-batch that fits is closed form. Weights, optimizer state and the batch live through all of them.
 
 Sequence lengths: `seq_len` is the sender's input tokens; the receiver reads primer + K soft tokens + answer.
 """
@@ -16,11 +17,14 @@ Sequence lengths: `seq_len` is the sender's input tokens; the receiver reads pri
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass, field
 
 from telepathy.bridge_shape import bridge_param_count
-from telepathy.config import BACKENDS, BridgeConfig
+from telepathy.config import BACKENDS, BridgeConfig, DataConfig, TrainConfig
 from telepathy.errors import UserError
+from telepathy.paths import configs_dir
 from telepathy.registry import ModelSpec, Pair
 
 GIB = 2**30
@@ -34,19 +38,22 @@ CONTEXT_RESERVE_GIB = 3.0
 FRAGMENTATION_SHARE = 0.05
 
 # The moments of a step that can hold its peak, each with the phase of the step it falls in (the tracer
-# labels its per-phase peaks with these phases).
+# reports one peak per phase: tests compare a phase's traced peak with its largest moment here).
 MOMENTS = {
     "sender_unshard_first": "sender", "sender_unshard": "sender", "sender": "sender",
     "bridge_unshard": "receiver", "bridge_forward": "receiver", "receiver_unshard": "receiver",
     "receiver_unshard_first": "receiver", "receiver_forward": "receiver", "receiver_head_unshard": "receiver",
-    "receiver_recompute": "receiver", "receiver": "receiver",
+    "receiver_recompute": "receiver", "receiver_layer_backward": "receiver", "receiver": "receiver",
     "bridge_backward_last": "bridge_backward", "bridge_backward": "bridge_backward", "optimizer": "optimizer",
 }
+# The receiver primer's length in tokens ("Sentiment:" and the other task primers are 3-4 tokens).
+PRIMER_LEN = 4
 COMPONENTS = ("frozen_weights", "bridge_params", "gradients", "optimizer", "activations", "temporaries",
               "comm_buffers")
 
 
 def gpu_gib(gpu_memory_gb: float) -> float:
+    """A profile's GPU memory (decimal GB) in GiB."""
     return gpu_memory_gb * 1e9 / GIB
 
 
@@ -68,11 +75,11 @@ def margin_text(gpu_memory_gb: float) -> str:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Per-GPU peak of one training step; components in GiB at the peak phase."""
+    """Per-GPU peak of one training step: GiB by component at the moment that sets it."""
 
     components: dict[str, float]
-    phase: str  # which phase sets the peak: "sender", "receiver" or "optimizer"
-    phases: dict[str, float]  # each phase's own peak (GiB)
+    phase: str  # the moment that sets the peak (a key of MOMENTS)
+    phases: dict[str, float]  # every moment's total (GiB)
     knobs: dict = field(default_factory=dict)
 
     @property
@@ -86,9 +93,9 @@ class MemoryEstimate:
 
 @dataclass(frozen=True)
 class Line:
-    """One phase's peak as fixed + per_sample * micro_batch (GiB)."""
+    """One moment's memory as fixed + per_sample * micro_batch (GiB)."""
 
-    phase: str
+    moment: str
     fixed_gib: float
     per_sample_gib: float
 
@@ -108,12 +115,12 @@ def tapped_layers(sender: ModelSpec, bridge: BridgeConfig) -> int:
     return n
 
 
-def frozen_param_counts(pair: Pair, bridge: BridgeConfig) -> dict[str, int]:
+def frozen_param_counts(pair: Pair, bridge: BridgeConfig, sender_cache: bool = False) -> dict[str, int]:
     """Frozen parameters that are built: the sender body up to the tap (embeddings + tapped layers, no
-    LM head; the final norm only when every layer runs) and the whole receiver. A single-model pair holds
-    its weights once."""
+    LM head; the final norm only when every layer runs; none with the sender cache) and the whole
+    receiver. A single-model pair holds its weights once."""
     r = pair.receiver.param_counts()
-    if pair.single:
+    if pair.single or sender_cache:
         return {"sender": 0, "receiver": r["total"]}
     s = pair.sender.param_counts()
     n = tapped_layers(pair.sender, bridge)
@@ -133,7 +140,7 @@ def _q(spec: ModelSpec) -> int:
     return spec.heads * spec.head_dim
 
 
-# --------------------------------------------------------------------------------------- per-phase bytes
+# -------------------------------------------------------------------------------------- per-moment bytes
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,7 @@ class _Step:
     ckpt: bool
     answer_only: bool
     bridge_dtype: str
+    sender_cache: bool  # batches carry the sender's tapped states (telepathy/cache.py): no sender is built
 
     @property
     def tapped(self) -> int:
@@ -171,8 +179,10 @@ class _Step:
 
     @property
     def inputs(self) -> int:
-        """The batch (int64 ids and masks), alive through the whole step."""
-        return INT64 * (2 * self.seq + self.primer + 2 * self.answer)
+        """The batch (int64 ids and masks; cached bf16 sender states instead of sender ids), alive through
+        the whole step."""
+        sender = BF16 * self.pair.sender.hidden if self.sender_cache else INT64
+        return self.seq * (sender + INT64) + INT64 * (self.primer + 2 * self.answer)
 
 
 def _attn_saved_per_token(spec: ModelSpec, attention: str, tokens: int) -> float:
@@ -183,8 +193,8 @@ def _attn_saved_per_token(spec: ModelSpec, attention: str, tokens: int) -> float
     q, kv, heads = _q(spec), _kv(spec), spec.heads
     if attention == "flash_attention_2":
         return BF16 * (2 * q + 2 * kv) + FP32 * heads
-    if attention == "eager":
-        return BF16 * 3 * q + heads * tokens * (FP32 + BF16) + BF16 * tokens
+    if attention == "eager":  # repeated q, k, v for the two matmuls; softmax output in fp32 and bf16
+        return BF16 * 3 * q + heads * tokens * (FP32 + BF16)
     return BF16 * 4 * q + FP32 * heads + BF16 * tokens
 
 
@@ -272,13 +282,17 @@ def _per_sample(st: _Step) -> dict[str, dict[str, float]]:
     moment that follows them."""
     R, d, d_s = st.pair.receiver, st.pair.receiver.hidden, st.pair.sender.hidden
     e = st.bridge_bytes
-    states = st.seq * BF16 * d_s  # the sender's output; its caller holds it until the bridge returns
+    # The sender's output; its caller holds it until the bridge returns (with the cache it is in the batch).
+    states = 0 if st.sender_cache else st.seq * BF16 * d_s
     bridge = _bridge_seq_saved(st) + _bridge_latent_saved(st)
     layer = _receiver_layer_saved(R, st.attention, st.recv_tokens)
+    sender = ({m: {"activations": st.inputs} for m in ("sender_unshard_first", "sender_unshard", "sender")}
+              if st.sender_cache else {
+                  "sender_unshard_first": {"activations": _sender_tokens_bytes(st, 1)},
+                  "sender_unshard": {"activations": _sender_tokens_bytes(st, 2)},
+                  "sender": {"activations": _sender_layer_peak(st)}})
     return {
-        "sender_unshard_first": {"activations": _sender_tokens_bytes(st, 1)},
-        "sender_unshard": {"activations": _sender_tokens_bytes(st, 2)},
-        "sender": {"activations": _sender_layer_peak(st)},
+        **sender,
         "bridge_unshard": {"activations": st.inputs + states},
         # The last block's cross-attention: its k/v projection output exists beside its contiguous copy.
         "bridge_forward": {"activations": st.inputs + states + bridge, "temporaries": st.seq * e * 2 * d},
@@ -288,9 +302,13 @@ def _per_sample(st: _Step) -> dict[str, dict[str, float]]:
                              - st.logit_rows * FP32 * R.vocab - st.recv_tokens * FP32 * R.hidden},
         # Backward re-gathers the receiver's head (its remainder) with everything saved.
         "receiver_head_unshard": {"activations": st.inputs + _receiver_saved(st)},
-        # Activation checkpointing: one layer recomputed and run backward beside every layer's input.
+        # Activation checkpointing: one layer recomputed beside every layer's input (without checkpointing
+        # this moment is receiver_layer_backward without its temporaries).
         "receiver_recompute": {"activations": st.inputs + _receiver_saved(st) + layer * st.ckpt
                                - st.logit_rows * FP32 * R.vocab},
+        # The last layer's backward, the loss's tensors freed: gradients of three intermediate-size tensors.
+        "receiver_layer_backward": {"activations": st.inputs + _receiver_saved(st) - st.logit_rows * FP32 * R.vocab,
+                                    "temporaries": st.recv_tokens * 3 * BF16 * R.intermediate},
         # Backward starts with the loss: the gradients of log-softmax's output and input exist together
         # while its output is still saved; the soft tokens' gradient from the diversity term waits.
         "receiver": {"activations": st.inputs + _receiver_saved(st),
@@ -306,9 +324,9 @@ def _fsdp_units(st: _Step) -> dict[str, float]:
     """Bytes of each FSDP2 unit backends.FSDPWrapped shards, unsharded: a decoder layer of each model,
     each model's remainder (embeddings, final norm, LM head) and the bridge."""
     S, R = st.pair.sender.param_counts(), st.pair.receiver.param_counts()
-    n = st.tapped
-    return {"sender_layer": BF16 * S["layer"], "receiver_layer": BF16 * R["layer"],
-            "sender_root": BF16 * (S["embed"] + (S["norm"] if n == st.pair.sender.layers else 0)),
+    n, built = st.tapped, not st.sender_cache
+    return {"sender_layer": BF16 * S["layer"] * built, "receiver_layer": BF16 * R["layer"],
+            "sender_root": BF16 * (S["embed"] + (S["norm"] if n == st.pair.sender.layers else 0)) * built,
             "receiver_root": BF16 * (R["embed"] + R["norm"] + R["lm_head"]),
             "bridge": st.bridge_bytes * bridge_params(st.pair, st.bridge)}
 
@@ -329,25 +347,34 @@ def _fsdp_comm(st: _Step) -> dict[str, float]:
         "sender_unshard_first": 2 * s_root + (2 * s_layer if n else 0),  # first layer's copy-out
         "sender_unshard": s_root + 3 * s_layer if n >= 2 else 0.0,  # a later layer's copy-out
         "sender": s_root + (2 * s_layer if n else 0),  # a layer running: its parameters and buffer
-        "bridge_unshard": (s_layer if n else s_root) + 2 * b,
+        "bridge_unshard": (s_layer if n and s_layer else s_root) + 2 * b,
         "bridge_forward": 2 * b,
         "receiver_unshard": b + 2 * r_root,
         "receiver_unshard_first": 2 * r_root + 2 * r_layer,
         "receiver_forward": r_root + 3 * r_layer,  # the last layer's copy-out
-        "receiver_head_unshard": 2 * r_root,
-        "receiver_recompute": r_root + 2 * r_layer,  # backward re-gathers the head: its buffer and parameters
-        # The loss's backward: the head unsharded, then the last layer's prefetch and (in the trace) a
-        # second layer-size buffer.
-        "receiver": r_root + 2 * r_layer,
+        "receiver_head_unshard": 2 * r_root,  # backward re-gathers the head: its buffer and parameters
+        "receiver_recompute": r_root + 2 * r_layer,
+        "receiver": r_root + r_layer,  # the loss's backward: the head unsharded, the last layer prefetched
+        "receiver_layer_backward": r_root + 2 * r_layer,  # the last layer, and the one before prefetched
         "bridge_backward_last": b + s_root,
         "bridge_backward": b + s_root,
         "optimizer": 0.0,
     }
 
 
+@functools.lru_cache(maxsize=4)
+def _zero_config(stage: int) -> dict:
+    """zero_optimization of configs/deepspeed/zero{stage}.json (the file the trainer hands DeepSpeed)."""
+    path = configs_dir() / "deepspeed" / f"zero{stage}.json"
+    try:
+        return json.loads(path.read_text()).get("zero_optimization", {})
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path} ({e}); restore configs/deepspeed/") from None
+
+
 def _fixed(st: _Step) -> dict[str, dict[str, float]]:
     """Batch-independent bytes per GPU at each moment (see _per_sample), by component."""
-    frozen = sum(frozen_param_counts(st.pair, st.bridge).values())
+    frozen = sum(frozen_param_counts(st.pair, st.bridge, st.sender_cache).values())
     p = bridge_params(st.pair, st.bridge)
     w, e = st.world, st.bridge_bytes
     # The bridge trains in train.bridge_dtype: parameters, gradients and both AdamW moments in that dtype;
@@ -364,19 +391,21 @@ def _fixed(st: _Step) -> dict[str, dict[str, float]]:
         grads, foreach_tmp = grads / w, foreach_tmp / w
         comm = _fsdp_comm(st)
     elif st.backend == "deepspeed":
-        # Only the bridge is the DeepSpeed engine: frozen models stay replicated. ZeRO keeps fp32 master
-        # weights and fp32 Adam moments (12 B/param) sharded over the world; stage 2 shards the gradients
-        # too, stage 3 also the bridge's parameters.
+        # Only the bridge is the DeepSpeed engine: the frozen models stay replicated. ZeRO keeps an fp32
+        # master copy, fp32 Adam moments and an fp32 gradient partition, sharded over the world (stage 2
+        # and 3), and gathers gradients through a bucket of reduce_bucket_size elements; stage 3 also
+        # shards the bridge's parameters and gathers them per module ahead of use (prefetch bucket).
+        zero = _zero_config(st.zero_stage)
         resident["optimizer"] = 3 * FP32 * p / w
-        grads = backward_grads = grads / w
+        grads = backward_grads = FP32 * p / w + e * min(p, zero.get("reduce_bucket_size", p))
         foreach_tmp = FP32 * p / w
         if st.zero_stage == 3:
-            resident["bridge_params"] = e * p / w
-    out = {phase: {**resident, "comm_buffers": c} for phase, c in comm.items()}
+            resident["bridge_params"] = e * p / w + e * min(p, zero.get("stage3_prefetch_bucket_size", p))
+    out = {moment: {**resident, "comm_buffers": c} for moment, c in comm.items()}
     out["bridge_backward"]["gradients"] = backward_grads
     # In the last block's backward, the gradients of the earlier blocks and the input layers are still to come.
-    block = bridge_params(st.pair, st.bridge) - bridge_params(st.pair, dataclasses.replace(st.bridge, depth=st.bridge.depth - 1))
-    inputs = bridge_params(st.pair, dataclasses.replace(st.bridge, depth=0, soft_tokens=0)) - 1
+    block = p - bridge_params(st.pair, dataclasses.replace(st.bridge, depth=st.bridge.depth - 1))
+    inputs = bridge_params(st.pair, dataclasses.replace(st.bridge, depth=0, soft_tokens=0)) - 1  # norm + projection
     out["bridge_backward_last"]["gradients"] = backward_grads * (p - (st.bridge.depth - 1) * block - inputs) / p
     out["optimizer"].update(gradients=grads, temporaries=foreach_tmp)
     return out
@@ -384,7 +413,7 @@ def _fixed(st: _Step) -> dict[str, dict[str, float]]:
 
 def _resolve(pair: Pair, *, backend: str, world_size: int, seq_len: int, answer_len: int, primer_len: int,
              bridge: BridgeConfig, zero_stage: int, attention: str, activation_checkpointing: bool,
-             answer_only_logits: bool, bridge_dtype: str) -> _Step:
+             answer_only_logits: bool, bridge_dtype: str, sender_cache: bool) -> _Step:
     if backend not in BACKENDS:
         raise UserError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
     if attention not in ATTENTIONS:
@@ -400,20 +429,20 @@ def _resolve(pair: Pair, *, backend: str, world_size: int, seq_len: int, answer_
         raise UserError("backend fsdp cannot shard a single-model pair (sender and receiver share weights); "
                         "use --backend ddp or deepspeed")
     return _Step(pair, bridge, backend, world_size, seq_len, answer_len, primer_len, zero_stage, attention,
-                 activation_checkpointing, answer_only_logits, bridge_dtype)
+                 activation_checkpointing, answer_only_logits, bridge_dtype, sender_cache)
 
 
-def _by_phase(st: _Step, micro_batch: int) -> dict[str, dict[str, float]]:
-    """GiB by phase and component at `micro_batch`."""
+def _by_moment(st: _Step, micro_batch: int) -> dict[str, dict[str, float]]:
+    """GiB by moment and component at `micro_batch`."""
     fixed, per = _fixed(st), _per_sample(st)
     out = {}
-    for phase in fixed:
+    for moment in MOMENTS:
         comp = dict.fromkeys(COMPONENTS, 0.0)
-        for c, v in fixed[phase].items():
+        for c, v in fixed[moment].items():
             comp[c] += v / GIB
-        for c, v in per[phase].items():
+        for c, v in per[moment].items():
             comp[c] += micro_batch * v / GIB
-        out[phase] = comp
+        out[moment] = comp
     return out
 
 
@@ -421,28 +450,31 @@ def _by_phase(st: _Step, micro_batch: int) -> dict[str, dict[str, float]]:
 
 
 def estimate(pair: Pair, *, micro_batch: int, seq_len: int, backend: str = "ddp", world_size: int = 1,
-             answer_len: int = 16, primer_len: int = 4, bridge: BridgeConfig = BridgeConfig(), zero_stage: int = 2,
+             answer_len: int = DataConfig.answer_length, primer_len: int = PRIMER_LEN,
+             bridge: BridgeConfig = BridgeConfig(), zero_stage: int = TrainConfig.zero_stage,
              attention: str = "sdpa", activation_checkpointing: bool = False, answer_only_logits: bool = True,
-             bridge_dtype: str = "bfloat16") -> MemoryEstimate:
-    """Per-GPU peak memory of one training step: GiB by component at the phase that sets the peak.
+             bridge_dtype: str = TrainConfig.bridge_dtype,
+             sender_cache: bool = TrainConfig.sender_cache) -> MemoryEstimate:
+    """Per-GPU peak memory of one training step: GiB by component at the moment that sets the peak.
 
     seq_len: sender input tokens; the receiver reads primer_len + bridge.soft_tokens + answer_len.
     attention: the kernel the GPU run uses (sdpa, flash_attention_2 or eager). bridge_dtype: the bridge's
-    parameters, gradients and AdamW state (train.bridge_dtype)."""
+    parameters, gradients and AdamW state (train.bridge_dtype). sender_cache: batches carry cached sender
+    states (train.sender_cache), so no sender is built or run."""
     if micro_batch < 0:
         raise UserError(f"micro-batch must be >= 0 (got {micro_batch})")
     knobs = dict(seq_len=seq_len, backend=backend, world_size=world_size, answer_len=answer_len,
                  primer_len=primer_len, zero_stage=zero_stage, attention=attention,
                  activation_checkpointing=activation_checkpointing, answer_only_logits=answer_only_logits,
-                 bridge_dtype=bridge_dtype)
-    phases = _by_phase(_resolve(pair, bridge=bridge, **knobs), micro_batch)
-    peak = max(phases, key=lambda p: sum(phases[p].values()))
-    return MemoryEstimate(phases[peak], peak, {ph: sum(c.values()) for ph, c in phases.items()},
+                 bridge_dtype=bridge_dtype, sender_cache=sender_cache)
+    moments = _by_moment(_resolve(pair, bridge=bridge, **knobs), micro_batch)
+    peak = max(moments, key=lambda m: sum(moments[m].values()))
+    return MemoryEstimate(moments[peak], peak, {m: sum(c.values()) for m, c in moments.items()},
                           {"micro_batch": micro_batch, **knobs})
 
 
 def peak_lines(pair: Pair, **knobs) -> list[Line]:
-    """Each phase's peak as fixed + per-sample GiB (`estimate`'s knobs, without micro_batch)."""
+    """Each moment as fixed + per-sample GiB (`estimate`'s knobs, without micro_batch)."""
     zero, one = estimate(pair, micro_batch=0, **knobs).phases, estimate(pair, micro_batch=1, **knobs).phases
     return [Line(p, zero[p], one[p] - zero[p]) for p in zero]
 
@@ -460,7 +492,8 @@ def max_micro_batch(pair: Pair, *, gpu_memory_gb: float, safety_margin_gib: floa
 
 
 def weights_fit(pair: Pair, *, backend: str, world_size: int, gpu_memory_gb: float,
-                bridge: BridgeConfig = BridgeConfig()) -> bool:
+                bridge: BridgeConfig = BridgeConfig(), sender_cache: bool = False) -> bool:
     """False when the frozen weights alone (per GPU under `backend`) exceed the usable memory."""
-    est = estimate(pair, micro_batch=0, seq_len=1, backend=backend, world_size=world_size, bridge=bridge)
+    est = estimate(pair, micro_batch=0, seq_len=1, backend=backend, world_size=world_size, bridge=bridge,
+                   sender_cache=sender_cache)
     return est.components["frozen_weights"] <= usable_gib(gpu_memory_gb)

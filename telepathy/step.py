@@ -36,7 +36,7 @@ class Batch:
     sender_states: torch.Tensor | None = None  # (B,S,d_S) cached tapped-layer states
     labels: torch.Tensor | None = None  # (B,) class index, for evaluation
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(**{f.name: (v.to(device, non_blocking=True) if isinstance(v := getattr(self, f.name), torch.Tensor)
                                  else v) for f in dataclasses.fields(self)})
 
@@ -111,13 +111,18 @@ class TelepathyModel(nn.Module):
         return list(self.bridge.parameters())
 
     def receiver_layers(self) -> list[nn.Module]:
-        """The receiver's decoder layers (the FSDP2 sharding units; the wrapper is sharded last, as root)."""
+        """The receiver's decoder layers: FSDP2 sharding units. Checked on CPU/gloo: fully_shard each
+        layer, the bridge, then this whole model as root (embeddings, norms and LM head are root-managed
+        and unsharded for all of forward). That also covers single-model pairs, whose sender uses the
+        receiver's embedding outside ReceiverWithHead; sharding ReceiverWithHead as root works only for
+        two-model pairs."""
         return list(self.receiver.lm.model.layers)
 
     def sender_layers(self) -> list[nn.Module]:
+        """The sender body's layers (for a single-model pair these ARE the receiver's first layers)."""
         return list(self.sender.layers) if self.sender is not None else []
 
-    def train(self, mode: bool = True) -> "TelepathyModel":
+    def train(self, mode: bool = True) -> TelepathyModel:
         """Only the bridge switches mode: the frozen models stay in eval (no dropout, no HF training paths)."""
         super().train(mode)
         for frozen in (self.sender, self.receiver):

@@ -27,7 +27,7 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 
 from telepathy.config import BridgeConfig, DataConfig, RunConfig, TrainConfig
 from telepathy.errors import UserError
-from telepathy.memory import GIB
+from telepathy.memory import GIB, PRIMER_LEN
 from telepathy.registry import Pair
 
 TRACED_BACKENDS = ("ddp", "fsdp")
@@ -98,21 +98,25 @@ class TraceResult:
 
 
 def run_config(pair: Pair, *, backend: str, micro_batch: int, seq_len: int, answer_len: int, bridge: BridgeConfig,
-               activation_checkpointing: bool = False, bridge_dtype: str = "bfloat16") -> RunConfig:
+               activation_checkpointing: bool = False, bridge_dtype: str = TrainConfig.bridge_dtype,
+               sender_cache: bool = False) -> RunConfig:
     """The run configuration the traced step is built from (never written: run_dir is a placeholder)."""
     train = TrainConfig(micro_batch=micro_batch, activation_checkpointing=activation_checkpointing,
-                        bridge_dtype=bridge_dtype)
+                        bridge_dtype=bridge_dtype, sender_cache=sender_cache)
     return RunConfig(sender=pair.sender.alias, receiver=pair.receiver.alias, run_dir="(trace)", backend=backend,
                      bridge=bridge, train=train, data=DataConfig(max_length=seq_len, answer_length=answer_len))
 
 
-def fake_batch(micro_batch: int, seq_len: int, answer_len: int, primer_len: int):
-    """A full-length micro-batch (every sender row at seq_len: the padded worst case the planner sizes for).
-    Built inside FakeTensorMode: zeros/ones only, fake tensors have no RNG."""
+def fake_batch(micro_batch: int, seq_len: int, answer_len: int, primer_len: int, cached_width: int | None = None):
+    """A full-length micro-batch (every sender row at seq_len: the padded worst case the planner sizes for);
+    with `cached_width`, cached bf16 sender states instead of sender ids. Built inside FakeTensorMode:
+    zeros/ones only, fake tensors have no RNG."""
     from telepathy.step import Batch
 
     b = micro_batch
-    return Batch(sender_ids=torch.zeros(b, seq_len, dtype=torch.long), sender_mask=torch.ones(b, seq_len, dtype=torch.long),
+    ids = torch.zeros(b, seq_len, dtype=torch.long) if cached_width is None else None
+    states = None if cached_width is None else torch.zeros(b, seq_len, cached_width, dtype=torch.bfloat16)
+    return Batch(sender_ids=ids, sender_states=states, sender_mask=torch.ones(b, seq_len, dtype=torch.long),
                  primer_ids=torch.zeros(b, primer_len, dtype=torch.long),
                  answer_ids=torch.zeros(b, answer_len, dtype=torch.long),
                  answer_mask=torch.ones(b, answer_len, dtype=torch.long))
@@ -228,9 +232,9 @@ def _breakdown(model, optimizer, snapshot: dict) -> dict[str, float]:
 
 
 def trace(pair: Pair, *, backend: str = "ddp", world_size: int = 1, micro_batch: int, seq_len: int,
-          answer_len: int = 16, primer_len: int = 4, bridge: BridgeConfig = BridgeConfig(),
-          activation_checkpointing: bool = False, bridge_dtype: str = "bfloat16",
-          progress: Callable[[str], None] | None = None) -> TraceResult:
+          answer_len: int = DataConfig.answer_length, primer_len: int = PRIMER_LEN, bridge: BridgeConfig = BridgeConfig(),
+          activation_checkpointing: bool = False, bridge_dtype: str = TrainConfig.bridge_dtype,
+          sender_cache: bool = False, progress: Callable[[str], None] | None = None) -> TraceResult:
     """Trace two training steps of `pair` at full size on fake tensors; the peak per GPU of the second.
 
     Same knobs as telepathy.memory.estimate (attention is the CPU's: SDPA). DDP: the step of one rank
@@ -246,7 +250,8 @@ def trace(pair: Pair, *, backend: str = "ddp", world_size: int = 1, micro_batch:
     t0 = time.perf_counter()
     sharded = backend == "fsdp" and world_size > 1
     cfg = run_config(pair, backend=backend, micro_batch=micro_batch, seq_len=seq_len, answer_len=answer_len,
-                     bridge=bridge, activation_checkpointing=activation_checkpointing, bridge_dtype=bridge_dtype)
+                     bridge=bridge, activation_checkpointing=activation_checkpointing, bridge_dtype=bridge_dtype,
+                     sender_cache=sender_cache)
     say(f"building {pair.name} at full size on the meta device")
     model, _, _ = build_telepathy_model(cfg, pair, "meta", meta=True)
     cpu = torch.device("cpu")
@@ -261,7 +266,7 @@ def trace(pair: Pair, *, backend: str = "ddp", world_size: int = 1, micro_batch:
             wrapped = wrap(model, backend, cfg, cpu)
         for group in wrapped.optimizer.param_groups:
             group["foreach"] = True  # the CUDA default; on CPU tensors torch would pick the for-loop
-        batch = fake_batch(micro_batch, seq_len, answer_len, primer_len)
+        batch = fake_batch(micro_batch, seq_len, answer_len, primer_len, pair.sender.hidden if sender_cache else None)
         say("step 1 of 2 (creates AdamW state)")
         _step(wrapped, batch, _PhasePeaks(), lambda _phase: None)
         # A fresh tracker for step 2 starts from what outlives a step: weights, AdamW state, the batch.
@@ -282,5 +287,5 @@ def trace(pair: Pair, *, backend: str = "ddp", world_size: int = 1, micro_batch:
     peak = max(phases, key=lambda ph: sum(phases[ph].values()))
     knobs = dict(backend=backend, world_size=world_size, micro_batch=micro_batch, seq_len=seq_len,
                  answer_len=answer_len, primer_len=primer_len, activation_checkpointing=activation_checkpointing,
-                 bridge_dtype=bridge_dtype)
+                 bridge_dtype=bridge_dtype, sender_cache=sender_cache)
     return TraceResult(phases[peak], peak, phases, time.perf_counter() - t0, knobs)

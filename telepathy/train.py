@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
         run(RunConfig.load(args.config))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        code = UserError.exit_code
+        sys.stderr.flush()
+        os._exit(UserError.exit_code)  # no barrier: a rank that did not fail may never reach it
     except Preempted as e:
         print(str(e), file=sys.stderr)
         code = EXIT_PREEMPTED
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
 
         traceback.print_exc()
         sys.stderr.flush()
-        os._exit(1)  # no barrier: the other ranks may be anywhere; torchrun tears the group down
+        os._exit(1)  # likewise: torchrun tears the others down
     _exit(code)
 
 

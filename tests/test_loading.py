@@ -4,7 +4,6 @@ import logging
 import multiprocessing
 import os
 import time
-from pathlib import Path
 
 import pytest
 import torch

@@ -95,7 +95,7 @@ def test_only_bridge_trains_and_gets_gradients(built):
 
 
 def test_cached_sender_states_give_the_same_loss(built):
-    cfg, model, collate, task = built
+    _, model, collate, task = built
     batch = collate(task.train[:4])
     with torch.no_grad():
         states = model.sender(input_ids=batch.sender_ids, attention_mask=batch.sender_mask).last_hidden_state
@@ -123,7 +123,7 @@ def test_same_seed_same_bridge_other_seed_differs():
 
 
 def test_activation_checkpointing_keeps_the_gradients(built):
-    cfg, model, collate, task = built
+    _, model, collate, task = built
     batch = collate(task.train[:4])
     pair = REG.pair("tiny-llama-tiny-qwen")
     ckpt, _, _ = build_telepathy_model(_cfg("tiny-llama-tiny-qwen", activation_checkpointing=True), pair, "cpu")
@@ -137,7 +137,7 @@ def test_activation_checkpointing_keeps_the_gradients(built):
 
 
 def test_single_model_pair_shares_the_weights():
-    model, stok, rtok = build_telepathy_model(_cfg("tiny-llama"), REG.pair("tiny-llama"), "cpu")
+    model, _, _ = build_telepathy_model(_cfg("tiny-llama"), REG.pair("tiny-llama"), "cpu")
     lm = model.receiver.lm
     assert model.sender.embed_tokens is lm.model.embed_tokens
     assert all(a is b for a, b in zip(model.sender.layers, lm.model.layers))

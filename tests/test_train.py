@@ -3,7 +3,9 @@ SIGUSR2, and resuming past a damaged newest checkpoint."""
 
 import json
 import math
+import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,24 +27,32 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert all(lr_factor(t, s) >= lr_factor(t, s + 1) for s in range(10, 110))
 
 
-def test_in_process_run_trains_checkpoints_and_evaluates(tmp_path):
-    cfg = tiny_config(tmp_path, steps=4, checkpoint_every=2).replace(predicted_peak_gib=1.5)
-    result = run(cfg)
-    assert result["accuracy"]["bridge"] >= 0 and json.loads((tmp_path / "eval.json").read_text()) == result
-    records = train_records(tmp_path)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One in-process run, shared (read-only) by the tests below."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    cfg = tiny_config(run_dir, steps=4, checkpoint_every=2).replace(predicted_peak_gib=1.5)
+    return cfg, run(cfg)
+
+
+def test_in_process_run_trains_checkpoints_and_evaluates(finished):
+    cfg, result = finished
+    run_dir = Path(cfg.run_dir)
+    assert result["accuracy"]["bridge"] >= 0 and json.loads((run_dir / "eval.json").read_text()) == result
+    records = train_records(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[-1]["loss"] < records[0]["loss"]  # lr 1e-3 on 32 examples: it learns
     assert records[0]["lr"] == pytest.approx(1e-3)  # warmup_steps=1: full rate at the first step
     for r in records:
         assert r["grad_norm"] > 0 and r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and math.isfinite(r["loss"])
-    memory = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    memory = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "memory"]
     assert [m["phase"] for m in memory] == ["loaded", "first_step"]
     assert all(m["predicted_peak_gib"] == 1.5 and m["rss_gib"] > 0 for m in memory)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
-    assert (tmp_path / "logs" / "worker_rank0.log").read_text()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    assert (run_dir / "logs" / "worker_rank0.log").read_text()
     # a finished run is not trained again
-    assert run(cfg) == result and len(train_records(tmp_path)) == 4
+    assert run(cfg) == result and len(train_records(run_dir)) == 4
 
 
 def test_sigusr2_checkpoints_and_resume_is_bitwise_identical(tmp_path):
@@ -69,9 +79,9 @@ def test_sigusr2_checkpoints_and_resume_is_bitwise_identical(tmp_path):
     assert all(cut_losses[s] == straight_losses[s] for s in range(saved.step + 1, steps + 1))
 
 
-def test_damaged_newest_checkpoint_falls_back_and_retrains_the_same(tmp_path):
-    cfg = tiny_config(tmp_path, steps=4, checkpoint_every=2)
-    run(cfg)
+def test_damaged_newest_checkpoint_falls_back_and_retrains_the_same(finished, tmp_path):
+    shutil.copytree(finished[0].run_dir, tmp_path, dirs_exist_ok=True)
+    cfg = finished[0].replace(run_dir=str(tmp_path))
     newest = ckpt.step_dir(tmp_path, 4)
     original = ckpt.Checkpoint(newest, 4).bridge()
     damaged = newest / "bridge.safetensors"
@@ -87,12 +97,20 @@ def test_damaged_newest_checkpoint_falls_back_and_retrains_the_same(tmp_path):
     assert {k: (original[k] - got[k]).abs().max().item() for k in original} == {k: 0.0 for k in original}
 
 
-def test_sender_cache_trains_like_the_live_sender(tmp_path, monkeypatch):
+def test_sender_cache_trains_like_the_live_sender(finished, tmp_path, monkeypatch):
     monkeypatch.setenv("TELEPATHY_CACHE", str(tmp_path / "cache"))
-    live = tiny_config(tmp_path / "live", steps=2)
-    cached = tiny_config(tmp_path / "cached", steps=2, sender_cache=True)
-    run(live)
+    live = finished[0]
+    cached = tiny_config(tmp_path / "cached", steps=4, checkpoint_every=2, sender_cache=True)
     result = run(cached)
     assert "bridge" in result["accuracy"] and (tmp_path / "cache" / "sender_states").is_dir()
     a, b = train_records(live.run_dir), train_records(cached.run_dir)
-    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    # same first step; later steps within the bf16-receiver noise explained in tests/distributed/test_backends.py
+    assert b[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-6)
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-3)
+
+
+def test_bad_run_is_one_line_and_exit_2(tmp_path):
+    cfg = tiny_config(tmp_path, micro_batch=4096)  # more than the demo's 2000 training examples
+    assert finish(start(cfg, 1)) == 2
+    out = output(cfg)
+    assert "error: the training set has" in out and "Traceback" not in out

@@ -62,3 +62,26 @@ def test_deepspeed_config_filled_from_run_config(tmp_path):
     filled = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"])
     assert filled == (3, 5, 0.5)
     assert ds["bf16"]["enabled"] is True and "auto" not in json.dumps(ds)
+
+
+def test_terminal_progress_is_a_live_bar():
+    import os
+
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w") as tty:
+        p = Progress(total=5, start=1, stream=tty)
+        for step in range(2, 6):
+            p.update(step, f"loss {1 / step:.3f}")
+        p.close()
+    shown = os.read(master, 65536).decode(errors="replace")
+    os.close(master)
+    assert "5/5" in shown and "loss 0.200" in shown and "\r" in shown  # redrawn in place, not new lines
+
+
+def test_train_module_imports_without_torch():
+    """The torch-free launcher imports EXIT_PREEMPTED / PREEMPTED_FILE from telepathy.train."""
+    import subprocess
+
+    code = "import sys, telepathy.train; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

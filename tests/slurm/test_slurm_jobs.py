@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,8 @@ def started(slurm_cluster, tmp_path_factory):
     out["reference"] = {"plan": ref, "checkout": checkout, "driver": json.loads(drv.stdout.splitlines()[-1])}
 
     preempt = tiny_plan(tiny_run(base / "preempted", steps=STEPS), max_requeues=1)
-    out["preempted"] = {"plan": preempt, "result": submit_slurm([preempt])}
+    pool = ThreadPoolExecutor(1)  # the preemption scenario must watch its job from the start: it runs beside
+    out["preempted"] = pool.submit(_preemption_scenario, submit_slurm([preempt]))  # the other tests
 
     probe = base / "probe"
     probe.mkdir()
@@ -88,6 +90,7 @@ def started(slurm_cluster, tmp_path_factory):
              for name, o in expand_sweep(["seed=1,2,3"])]
     out["sweep"] = {"plans": plans, "dir": sweep_dir, "result": submit_slurm(plans, sweep_dir=sweep_dir)}
     yield out
+    pool.shutdown(wait=False, cancel_futures=True)
     # leave the cluster clean whatever failed: cancel whatever of ours is still queued or running
     for record in base.rglob("jobs.json"):
         jobs.cancel(jobs.JobRecord.load(record.parent))
@@ -112,7 +115,7 @@ def test_cli_sweep_is_one_array_per_max_array_size_and_cancels(slurm_cluster, tm
     assert [r["state"] for r in rows] == ["PENDING"] * 3 and [r["name"][:3] for r in rows] == ["000", "001", "002"]
     cancelled = launch_json("cancel", str(root))["cancelled"]
     assert sorted(cancelled) == sorted(t.job_id for t in record.tasks)
-    rows = wait_for(lambda: (r := status(root)) and all(x["state"] == "CANCELLED" for x in r) and r, "cancel")
+    rows = wait_for(lambda: (r := status(root)) and all(x["state"] == "CANCELLED" for x in r) and r, "cancel", timeout=60)
     assert len(rows) == 3
     again = launch_json("resubmit", str(root), "--task", "2")  # cancelled tasks can be submitted again
     assert again["submitted"] == [2] and again["code_dir"] == record.submissions[-1]["code_dir"]
@@ -152,34 +155,40 @@ def test_one_node_job_runs_its_snapshot_and_the_submitted_bytes_are_the_dry_run(
     assert "COMPLETED" in table.stdout and f"{STEPS}/{STEPS}" in table.stdout
 
 
-def test_preempted_task_requeues_resumes_and_ends_with_the_uninterrupted_weights(started):
-    """USR2 mid-training -> checkpoint -> requeue -> resume; USR2 again with max_requeues=1 spent -> the job
-    stops (FAILED, exit 75) -> `launch resubmit` -> completes. Final bridge: bitwise the reference's."""
-    from telepathy.checkpoint import latest_valid
-
-    root = Path(started["preempted"]["result"].root)
-    job_id = started["preempted"]["result"].job_ids[0]
+def _preemption_scenario(result) -> dict:
+    """Drive the job while it runs: USR2 mid-training -> checkpoint -> requeue -> resume; USR2 again with
+    max_requeues=1 spent -> the job stops; `launch resubmit` -> it completes. Returns what was seen."""
+    root, job_id = Path(result.root), result.job_ids[0]
+    seen: dict = {"root": root}
     wait_for(lambda: last_step(root) >= 2, "training to start", timeout=300)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     wait_for(lambda: "requeued (1/1)" in logs(root), "the requeue", timeout=120)
-    first_stop = json.loads((root / "preempted.json").read_text())["step"] if (root / "preempted.json").exists() else None
+    first_stop = json.loads((root / "preempted.json").read_text())["step"]
     wait_for(lambda: "attempt 2 on" in logs(root), "the second attempt", timeout=120)
-    wait_for(lambda: "resumed from" in logs(root) and last_step(root) >= (first_stop or 2) + 2, "resumed training",
-             timeout=240)
-    assert last_step(root) < STEPS, "finished before the second signal: raise STEPS"
+    wait_for(lambda: "resumed from" in logs(root) and last_step(root) >= first_stop + 2, "resumed training", timeout=240)
+    seen["step_at_second_signal"] = last_step(root)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    (row,) = wait_done(root, timeout=180)
-    assert row["state"] == "FAILED" and row["exit_code"] == "75:0" and row["attempts"] == 2, logs(root)
-    assert "NOT requeued: already requeued 1 time(s)" in logs(root)
-    stopped_at = row["checkpoint_on_preemption"]
-    assert stopped_at is not None and stopped_at < STEPS and not row["complete"]
+    (seen["stopped"],) = wait_done(root, timeout=180)
+    seen["first_stop"], seen["stopped_logs"] = first_stop, logs(root)
+    seen["resubmit"] = launch_json("resubmit", str(root))
+    (seen["final"],) = wait_done(root)
+    seen["final_logs"] = logs(root)
+    return seen
 
-    again = launch_json("resubmit", str(root))
-    assert again["submitted"] == [0] and len(again["job_ids"]) == 1
-    (row,) = wait_done(root)
-    assert row["state"] == "COMPLETED" and row["submissions"] == 2 and row["complete"], logs(root)
-    text = logs(root)
-    assert text.count("resumed from") == 2 and f"step_{stopped_at:06d}" in text
+
+def test_preempted_task_requeues_resumes_and_ends_with_the_uninterrupted_weights(started):
+    from telepathy.checkpoint import latest_valid
+
+    seen = started["preempted"].result(timeout=600)
+    root, stopped, final = seen["root"], seen["stopped"], seen["final"]
+    assert seen["step_at_second_signal"] < STEPS, "finished before the second signal: raise STEPS"
+    assert stopped["state"] == "FAILED" and stopped["exit_code"] == "75:0" and stopped["attempts"] == 2, seen["stopped_logs"]
+    assert "NOT requeued: already requeued 1 time(s)" in seen["stopped_logs"]
+    stopped_at = stopped["checkpoint_on_preemption"]
+    assert seen["first_stop"] < stopped_at < STEPS and not stopped["complete"]
+    assert seen["resubmit"]["submitted"] == [0] and len(seen["resubmit"]["job_ids"]) == 1
+    assert final["state"] == "COMPLETED" and final["submissions"] == 2 and final["complete"], seen["final_logs"]
+    assert seen["final_logs"].count("resumed from") == 2 and f"step_{stopped_at:06d}" in seen["final_logs"]
 
     ref_root = Path(started["reference"]["driver"]["root"])
     wait_done(ref_root)

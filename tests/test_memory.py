@@ -1,0 +1,145 @@
+"""The analytic memory model (telepathy.memory): torch-free, by component, per backend; batch choice from it."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from telepathy import memory
+from telepathy.config import BridgeConfig
+from telepathy.errors import UserError
+from telepathy.registry import Pair, load_registry
+
+REG = load_registry()
+BIG = REG.pair("llama8b-mistral7b")
+GIB = 2**30
+
+
+def est(pair=BIG, **kw):
+    kw.setdefault("seq_len", 1536)
+    kw.setdefault("micro_batch", 8)
+    return memory.estimate(pair, **kw)
+
+
+def test_imports_without_torch_quickly():
+    code = ("import sys, time; t = time.perf_counter(); import telepathy.memory; "
+            "print(time.perf_counter() - t, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout.split()
+    assert out[1] == "False"
+    assert float(out[0]) < 0.3
+
+
+def test_frozen_weights_count_only_what_is_built():
+    s, r = BIG.sender.param_counts(), BIG.receiver.param_counts()
+    counts = memory.frozen_param_counts(BIG, BridgeConfig())
+    # tap = hidden_states[31]: embeddings + 31 of 32 layers, no final norm, no LM head
+    assert counts == {"sender": s["embed"] + 31 * s["layer"], "receiver": r["total"]}
+    assert memory.frozen_param_counts(BIG, BridgeConfig(source_layer=16))["sender"] == s["embed"] + 16 * s["layer"]
+    single = REG.pair("llama8b")
+    assert memory.frozen_param_counts(single, BridgeConfig()) == {"sender": 0, "receiver": single.receiver.n_params}
+    e = est()
+    assert e.components["frozen_weights"] == pytest.approx(2 * sum(counts.values()) / GIB)
+    assert e.components["bridge_params"] == pytest.approx(2 * memory.bridge_params(BIG, BridgeConfig()) / GIB)
+
+
+def test_components_sum_to_total_and_serialise():
+    e = est()
+    assert set(e.components) == set(memory.COMPONENTS)
+    assert e.total_gib == pytest.approx(sum(e.components.values()))
+    assert e.total_gib == pytest.approx(max(e.phases.values()))
+    d = json.loads(json.dumps(e.to_dict()))
+    assert d["total_gib"] == pytest.approx(e.total_gib, abs=1e-3) and d["phase"] == e.phase
+
+
+def test_backends_shard_what_they_shard():
+    ddp, fsdp = est(backend="ddp", world_size=8), est(backend="fsdp", world_size=8)
+    zero2, zero3 = est(backend="deepspeed", world_size=8), est(backend="deepspeed", world_size=8, zero_stage=3)
+    assert fsdp.components["frozen_weights"] == pytest.approx(ddp.components["frozen_weights"] / 8)
+    # DeepSpeed wraps only the bridge: the frozen models stay replicated
+    assert zero2.components["frozen_weights"] == ddp.components["frozen_weights"]
+    assert zero3.components["bridge_params"] < zero2.components["bridge_params"] == ddp.components["bridge_params"]
+    # ZeRO shards AdamW's fp32 state; plain AdamW keeps two bf16 moments
+    assert zero2.components["optimizer"] == pytest.approx(12 * memory.bridge_params(BIG, BridgeConfig()) / 8 / GIB)
+    assert ddp.components["optimizer"] == pytest.approx(2 * ddp.components["bridge_params"])
+    # DDP's gradient buckets exist from two GPUs on
+    assert est(backend="ddp", world_size=2).components["comm_buffers"] == pytest.approx(ddp.components["bridge_params"])
+    assert est(backend="ddp", world_size=1).components["comm_buffers"] == 0
+    assert fsdp.total_gib < zero2.total_gib < ddp.total_gib
+
+
+def test_knobs_move_the_estimate_the_right_way():
+    base = est(micro_batch=32).total_gib
+    assert est(micro_batch=64).total_gib > base > est(micro_batch=16).total_gib
+    assert est(micro_batch=32, seq_len=4096).total_gib > base
+    assert est(micro_batch=32, activation_checkpointing=True).total_gib < base
+    assert est(micro_batch=32, answer_only_logits=False).total_gib > base
+    assert est(micro_batch=32, attention="eager").total_gib > base > est(micro_batch=32, attention="flash_attention_2").total_gib
+    assert est(micro_batch=32, bridge_dtype="float32").components["optimizer"] == pytest.approx(
+        2 * est(micro_batch=32).components["optimizer"])
+
+
+def test_peak_phase_moves_from_optimizer_to_activations():
+    assert est(micro_batch=1).phase == "optimizer"
+    assert est(micro_batch=64).phase in ("sender", "receiver")
+
+
+def test_max_micro_batch_is_the_boundary():
+    usable = memory.usable_gib(80)
+    n = memory.max_micro_batch(BIG, gpu_memory_gb=80, seq_len=1536)
+    assert n > 8
+    assert est(micro_batch=n).total_gib <= usable < est(micro_batch=n + 1).total_gib
+    # a stated margin in GiB replaces the default one
+    assert memory.max_micro_batch(BIG, gpu_memory_gb=80, safety_margin_gib=0.0, seq_len=1536) > n
+
+
+def test_margin_is_defined_once_and_stated():
+    assert memory.usable_gib(80) == pytest.approx(80e9 / GIB - memory.safety_margin_gib(80))
+    assert memory.safety_margin_gib(80) == pytest.approx(
+        memory.CONTEXT_RESERVE_GIB + memory.FRAGMENTATION_SHARE * 80e9 / GIB)
+    text = memory.margin_text(80)
+    assert f"{memory.usable_gib(80):.1f} GiB usable" in text and "fragmentation" in text
+
+
+def test_weights_that_cannot_fit():
+    assert not memory.weights_fit(BIG, backend="ddp", world_size=1, gpu_memory_gb=24)
+    assert memory.weights_fit(BIG, backend="fsdp", world_size=8, gpu_memory_gb=24)
+    assert memory.max_micro_batch(BIG, gpu_memory_gb=24, seq_len=1536) == 0
+
+
+def test_bad_knobs_are_user_errors():
+    with pytest.raises(UserError, match="unknown backend"):
+        est(backend="horovod")
+    with pytest.raises(UserError, match="unknown attention"):
+        est(attention="flash3")
+    with pytest.raises(UserError, match="source_layer"):
+        est(bridge=BridgeConfig(source_layer=40))
+    with pytest.raises(UserError, match="single-model"):
+        est(pair=REG.pair("llama8b"), backend="fsdp", world_size=4)
+
+
+def test_sweep_speed():
+    """The planner estimates every task of a sweep: 1,000 batch choices must be instant."""
+    import time
+
+    pairs = [REG.pair(p) for p in ("llama8b-mistral7b", "qwen7b-mistral7b", "llama1b-qwen1.5b", "llama3b")]
+    t = time.perf_counter()
+    for i in range(250):
+        for p in pairs:
+            memory.max_micro_batch(p, gpu_memory_gb=80, seq_len=128 + i, backend="fsdp" if not p.single else "ddp",
+                                   world_size=8)
+    assert time.perf_counter() - t < 5
+
+
+def test_truncated_architecture_scales_with_layers():
+    """Fewer receiver layers, fewer saved activations: the per-layer term is linear in the layer count."""
+    half = Pair(BIG.sender, dataclasses.replace(BIG.receiver, layers=16))
+    quarter = Pair(BIG.sender, dataclasses.replace(BIG.receiver, layers=8))
+
+    def act(p):
+        return est(pair=p, micro_batch=64).phases["receiver"] - est(pair=p, micro_batch=0).phases["receiver"]
+
+    assert act(BIG) - act(half) == pytest.approx(2 * (act(half) - act(quarter)))  # 16 layers vs 8 layers
+    assert act(quarter) > 0
