@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/launch --pair tiny-llama-tiny-qwen --task demo --debug --name demo-$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/launch --pair tiny-llama-tiny-qwen --task demo --debug --steps 200 --lr 1e-3 --warmup-steps 20 \
+		--max-length 64 --eval-samples 200 --name demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -85,7 +85,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
     worst = max(abs(x["estimate_gib"] / x["trace_gib"] - 1) for r in rows
                 for x in [r["seed"]] + [r[b] for b in ("ddp", "fsdp") if "trace_gib" in r[b]])
     lines += ["", f"Largest difference between analytic and traced peak over these {sum(1 + sum('trace_gib' in r[b] for b in ('ddp', 'fsdp')) for r in rows)} "
-              f"full-size traces: {worst:.1%} (usable: {usable:.1f} GiB)."]
+              f"full-size traces: {worst:.2%} (usable: {usable:.1f} GiB)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 """`launch memory`: per-GPU memory of a pair's training step, and the micro-batch it allows.
 
     launch memory --pair P                       per backend: largest micro-batch that fits, accumulation
-    launch memory --pair P --micro-batch B --trace [--backend fsdp]   trace the real step on fake tensors
+    launch memory --pair P --trace [--micro-batch B] [--backend fsdp]   trace the real step on fake tensors
     launch memory --pair P --measure             real steps on this machine's GPU -> a measured table row
 
 The first form is analytic (telepathy.memory, instant, no torch); --trace runs the project's step at full
@@ -10,10 +10,12 @@ size on fake CPU tensors (telepathy.trace, seconds to a minute); --measure needs
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from typing import Any
 
+from launcher.cmd_run import positive_int
 from launcher.plan import DEFAULT_GLOBAL_BATCH, choose_batch
 from launcher.profiles import OVERRIDABLE, add_profile_flags, load_profile
 from launcher.table import find_row, load_table
@@ -23,21 +25,9 @@ from telepathy.errors import UserError
 from telepathy.registry import Pair, load_registry
 
 
-def _positive(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
 def register(sub) -> None:
     p = sub.add_parser("memory", help="per-GPU memory of a pair's step and the micro-batch it allows",
-                       description=__doc__)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(handler=handle)
     who = p.add_argument_group("models")
     who.add_argument("--pair", help="SENDER-RECEIVER aliases, e.g. llama8b-mistral7b (one alias = single-model)")
@@ -45,25 +35,27 @@ def register(sub) -> None:
     who.add_argument("--receiver")
     what = p.add_argument_group("what to compute")
     mode = what.add_mutually_exclusive_group()
-    mode.add_argument("--trace", action="store_true", help="trace one real step on fake tensors (needs --micro-batch)")
+    mode.add_argument("--trace", action="store_true",
+                      help="trace the real step on fake tensors (at --micro-batch; default: the largest that fits)")
     mode.add_argument("--measure", action="store_true", help="run real steps on this machine's GPU; write a table row")
-    what.add_argument("--micro-batch", type=_positive, help="per-GPU micro-batch to estimate or trace")
+    what.add_argument("--micro-batch", type=positive_int, help="per-GPU micro-batch to estimate or trace")
     what.add_argument("--backend", choices=BACKENDS, help="one backend (default: all; --trace: ddp)")
-    what.add_argument("--gpus", type=_positive, help="world size (default: one node of the profile)")
-    what.add_argument("--global-batch", type=_positive, help="target samples per optimizer step (default: the table's)")
+    what.add_argument("--gpus", type=positive_int, help="world size (default: one node of the profile)")
+    what.add_argument("--global-batch", type=positive_int, help="target samples per optimizer step (default: the table's)")
     what.add_argument("--json", action="store_true", help="machine-readable output")
     step = p.add_argument_group("step shape (defaults: telepathy/config.py)")
-    step.add_argument("--max-length", type=_positive, default=DataConfig.max_length, help="sender tokens")
-    step.add_argument("--answer-length", type=_positive, default=DataConfig.answer_length)
-    step.add_argument("--soft-tokens", type=_positive, default=BridgeConfig.soft_tokens)
-    step.add_argument("--depth", type=_positive, default=BridgeConfig.depth)
-    step.add_argument("--heads", type=_positive, default=BridgeConfig.heads)
+    step.add_argument("--max-length", type=positive_int, default=DataConfig.max_length, help="sender tokens")
+    step.add_argument("--answer-length", type=positive_int, default=DataConfig.answer_length)
+    step.add_argument("--soft-tokens", type=positive_int, default=BridgeConfig.soft_tokens)
+    step.add_argument("--depth", type=positive_int, default=BridgeConfig.depth)
+    step.add_argument("--heads", type=positive_int, default=BridgeConfig.heads)
     step.add_argument("--source-layer", type=int, default=BridgeConfig.source_layer)
     step.add_argument("--bridge-dtype", choices=("bfloat16", "float32"), default=TrainConfig.bridge_dtype)
     step.add_argument("--zero-stage", type=int, choices=(2, 3), default=TrainConfig.zero_stage)
     step.add_argument("--attention", choices=memory.ATTENTIONS, default="sdpa",
                       help="the GPU run's kernel, for the analytic estimate (the trace runs SDPA)")
     step.add_argument("--activation-checkpointing", action="store_true")
+    step.add_argument("--sender-cache", action="store_true", help="batches carry cached sender states (no sender)")
     add_profile_flags(p)
 
 
@@ -81,20 +73,20 @@ def _request(args) -> _Request:
     bridge = BridgeConfig(soft_tokens=args.soft_tokens, depth=args.depth, heads=args.heads, source_layer=args.source_layer)
     knobs = dict(seq_len=args.max_length, answer_len=args.answer_length, bridge=bridge, zero_stage=args.zero_stage,
                  attention=args.attention, activation_checkpointing=args.activation_checkpointing,
-                 bridge_dtype=args.bridge_dtype)
+                 bridge_dtype=args.bridge_dtype, sender_cache=args.sender_cache)
     return _Request(pair, args.gpus or profile.gpus_per_node, profile.gpu_memory_gb, knobs)
 
 
 def handle(args) -> int:
     req = _request(args)
     if args.measure:
+        if args.backend not in (None, "ddp"):
+            raise UserError("--measure runs real steps on this machine's one GPU (backend ddp); drop --backend")
         from telepathy.measure import measure_command  # noqa: PLC0415 (torch only here)
 
         return measure_command(req.pair, knobs=req.knobs, gpu_memory_gb=req.gpu_memory_gb,
                                global_batch=args.global_batch, as_json=args.json)
     if args.trace:
-        if args.micro_batch is None:
-            raise UserError("--trace needs --micro-batch B (the per-GPU micro-batch to trace)")
         return _show_trace(req, args.backend or "ddp", args.micro_batch, as_json=args.json)
     return _show_batches(req, [args.backend] if args.backend else list(BACKENDS), args.micro_batch,
                          args.global_batch, as_json=args.json)
@@ -110,7 +102,7 @@ def batch_choice(req: _Request, backend: str, global_batch: int | None, rows=Non
     pair, gb = req.pair, req.gpu_memory_gb
     try:
         if not memory.weights_fit(pair, backend=backend, world_size=req.world, gpu_memory_gb=gb,
-                                  bridge=knobs["bridge"]):
+                                  bridge=knobs["bridge"], sender_cache=knobs["sender_cache"]):
             w = memory.estimate(pair, micro_batch=0, **knobs).components["frozen_weights"]
             return {"backend": backend, "fits": 0, "why": f"frozen weights alone need {w:.1f} GiB per GPU"}
         fits = memory.max_micro_batch(pair, gpu_memory_gb=gb, **knobs)
@@ -179,7 +171,16 @@ def _show_batches(req: _Request, backends: list[str], micro_batch: int | None, g
 # ------------------------------------------------------------------------------------------------ trace
 
 
-def _show_trace(req: _Request, backend: str, micro_batch: int, *, as_json: bool) -> int:
+def _show_trace(req: _Request, backend: str, micro_batch: int | None, *, as_json: bool) -> int:
+    """Trace `micro_batch` (default: the largest the analytic estimate fits) and show it beside the estimate."""
+    memory.check_traceable(backend)  # before importing torch
+    if micro_batch is None:
+        choice = batch_choice(req, backend, None)
+        if choice["fits"] < 1:
+            raise UserError(f"{req.pair.name} under {backend}: {choice['why']}; nothing to trace")
+        micro_batch = choice["fits"]
+        if not as_json:
+            print(f"micro-batch {micro_batch}: the largest the analytic estimate fits (choose one with --micro-batch)")
     from telepathy.trace import trace  # noqa: PLC0415 (torch only here)
 
     k = {key: v for key, v in req.knobs.items() if key not in ("attention", "zero_stage")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -11,11 +12,12 @@ import sys
 from pathlib import Path
 
 from launcher.plan import MODES, Plan, make_plan, torchrun_command
-from launcher.profiles import add_profile_flags, load_profile, OVERRIDABLE
+from launcher.profiles import OVERRIDABLE, add_profile_flags, load_profile
+from launcher.table import load_table
 from launcher.rundir import check_name, default_name, runs_root, write_run_files
-from telepathy.config import BACKENDS, BridgeConfig, DataConfig, RunConfig, TrainConfig
+from telepathy.config import BACKENDS, BridgeConfig, DataConfig, EvalConfig, RunConfig, TrainConfig
 from telepathy.errors import UserError
-from telepathy.paths import configs_dir
+from telepathy.data import load_spec
 from telepathy.registry import load_registry
 
 
@@ -49,6 +51,8 @@ RUN_FLAGS = {
     "soft-tokens": ("bridge", "soft_tokens", positive_int), "depth": ("bridge", "depth", positive_int),
     "heads": ("bridge", "heads", positive_int), "source-layer": ("bridge", "source_layer", int),
     "diversity-weight": ("bridge", "diversity_weight", float),
+    "baselines": ("eval", "baselines", lambda t: tuple(b for b in t.split(",") if b)),
+    "latency-samples": ("eval", "latency_samples", int),
 }
 
 
@@ -98,7 +102,7 @@ def handle_models(args) -> int:
 
 
 def run_config_from_args(args, pair, run_dir: str, name: str) -> RunConfig:
-    sections: dict[str, dict] = {"bridge": {}, "train": {}, "data": {}}
+    sections: dict[str, dict] = {"bridge": {}, "train": {}, "data": {}, "eval": {}}
     for flag, (section, field, _) in RUN_FLAGS.items():
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
@@ -114,19 +118,18 @@ def run_config_from_args(args, pair, run_dir: str, name: str) -> RunConfig:
                      receiver=pair.receiver.source if pair.receiver.path else pair.receiver.alias,
                      run_dir=run_dir, backend=args.backend, name=name,
                      bridge=BridgeConfig(**sections["bridge"]), train=TrainConfig(**sections["train"]),
-                     data=DataConfig(**sections["data"]))
+                     data=DataConfig(**sections["data"]), eval=EvalConfig(**sections["eval"]))
 
 
-def check_task(task: str) -> str:
-    """Fail at planning, not on a compute node: a task is a name in configs/tasks/ or an existing file."""
-    if "/" in task or task.endswith((".jsonl", ".csv")):
+@functools.lru_cache(maxsize=64)
+def task_max_length(task: str) -> int:
+    """Fail at planning, not on a compute node: the task must exist. Its spec's usual sender length
+    (e.g. AG News 256) is the default --max-length; data files use DataConfig's."""
+    if task.endswith((".jsonl", ".csv")):
         if not Path(task).is_file():
             raise UserError(f"task file {task} not found; pass an existing .jsonl/.csv file or a task name")
-        return task
-    names = sorted(p.stem for p in (configs_dir() / "tasks").glob("*.yaml"))
-    if task not in names:
-        raise UserError(f"unknown task '{task}'; use one of {', '.join(names)} or a .jsonl/.csv file")
-    return task
+        return DataConfig.max_length
+    return load_spec(task).max_length or DataConfig.max_length
 
 
 def build_plans(args) -> tuple[list[Plan], Path | None]:
@@ -135,16 +138,19 @@ def build_plans(args) -> tuple[list[Plan], Path | None]:
     profile = load_profile(args.cluster, {k: getattr(args, f"profile_{k}") for k in OVERRIDABLE})
     mode = args.mode or "slurm"
     root = runs_root(args.runs_dir)
+    table = load_table()  # once, not per sweep task
 
     def plan_for(pair, run_dir: Path, name: str, overrides: dict | None = None) -> Plan:
         cfg = run_config_from_args(args, pair, str(run_dir), name)
         if overrides:
             cfg = cfg.replace(**overrides)
+        if args.max_length is None:
+            cfg = cfg.replace(data={"max_length": task_max_length(cfg.data.task)})
         return make_plan(pair, cfg, gpus=args.gpus, profile=profile, mode=mode,
-                         global_batch=args.global_batch, micro_batch=args.micro_batch)
+                         global_batch=args.global_batch, micro_batch=args.micro_batch, table=table)
 
     pair = reg.pair(args.pair, args.sender, args.receiver)
-    task = check_task(args.task or DataConfig.task)
+    task = args.task or DataConfig.task
     if not args.sweep:
         name = check_name(args.name) if args.name else default_name(pair.name, task)
         return [plan_for(pair, root / name, name)], None
@@ -166,7 +172,7 @@ def handle(args) -> int:
         raise UserError("--sweep runs as a SLURM array; drop --debug/--local, or run one configuration locally")
     plans, sweep_dir = build_plans(args)
     if args.dry_run:
-        return show_dry_run(plans, as_json=args.json)
+        return show_dry_run(plans, sweep_dir, as_json=args.json)
     if plans[0].mode == "debug":
         return run_debug(plans[0])
     if plans[0].mode == "local":
@@ -181,28 +187,33 @@ def handle(args) -> int:
     return 0
 
 
-def show_dry_run(plans: list[Plan], *, as_json: bool) -> int:
+def show_dry_run(plans: list[Plan], sweep_dir: Path | None, *, as_json: bool) -> int:
     from launcher import submit  # noqa: PLC0415 (renders the sbatch text with submitit, as submission does)
     from launcher.show import plan_table
 
-    shown = []
+    runs = []
     for plan in plans:
         cfg = str(Path(plan.run.run_dir) / "config.json")
-        nodes = [torchrun_command(plan, config_path=cfg, node_rank=r if plan.layout.nodes > 1 else 0,
-                                  rdzv_endpoint="$FIRST_NODE:$PORT" if plan.layout.nodes > 1 else "",
+        multi = plan.layout.nodes > 1
+        nodes = [torchrun_command(plan, config_path=cfg, node_rank=r, rdzv_endpoint="$FIRST_NODE:$PORT" if multi else "",
                                   rdzv_id="$SLURM_JOB_ID") for r in range(plan.layout.nodes)]
-        sbatch = submit.render_sbatch(plan) if plan.mode == "slurm" else None
-        shown.append({"plan": plan.to_dict(), "sbatch": sbatch, "torchrun": nodes})
+        runs.append({"plan": plan.to_dict(), "torchrun": nodes})
+    # One script for the whole submission: a sweep is one array job, exactly as submit_slurm sends it.
+    sbatch = submit.render_sbatch(plans, sweep_dir=sweep_dir) if plans[0].mode == "slurm" else None
     if as_json:
-        print(json.dumps({"schema": 1, "runs": shown}, indent=2))
+        print(json.dumps({"schema": 1, "runs": runs, "sbatch": sbatch}, indent=2))
         return 0
-    for plan, s in zip(plans, shown):
+    shown = plans if len(plans) <= 3 else plans[:2]
+    for plan, r in zip(shown, runs):
         print(plan_table(plan))
-        for rank, argv in enumerate(s["torchrun"]):
-            print(f"\nnode {rank}: {' '.join(argv)}")
-        if s["sbatch"] is not None:
-            print("\n# ---- sbatch script (exact bytes submitit submits) ----")
-            print(s["sbatch"], end="" if s["sbatch"].endswith("\n") else "\n")
+        for rank, argv in enumerate(r["torchrun"]):
+            print(f"node {rank}: {' '.join(argv)}")
+        print()
+    if len(plans) > len(shown):
+        print(f"... and {len(plans) - len(shown)} more sweep tasks (--json lists all)\n")
+    if sbatch is not None:
+        print("# ---- sbatch script (exact bytes submitit submits) ----")
+        print(sbatch, end="" if sbatch.endswith("\n") else "\n")
     return 0
 
 

@@ -120,9 +120,11 @@ def _run(cmd: list[str]) -> str:
     except FileNotFoundError:
         raise UserError(f"{cmd[0]} not found: run this where the SLURM client tools are installed") from None
     except subprocess.CalledProcessError as e:
-        raise UserError(f"{cmd[0]} failed ({e.stderr.strip() or e.returncode}); is SLURM (and its accounting) up?") from None
+        why = e.stderr.strip() or e.returncode
+        raise UserError(f"{cmd[0]} failed ({why}); is SLURM (and its accounting) up?") from None
     except subprocess.TimeoutExpired:
-        raise UserError(f"{cmd[0]} did not answer within 60 s; the controller or its database may be down, try again") from None
+        raise UserError(f"{cmd[0]} did not answer within 60 s; the controller or its database may be down, "
+                        "try again") from None
 
 
 def sacct(job_ids: list[str]) -> dict[str, dict[str, Any]]:

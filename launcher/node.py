@@ -121,7 +121,8 @@ def check_rendezvous_host(host: str) -> None:
         slurms = _addresses(node_addr)
     except (OSError, subprocess.SubprocessError, StopIteration) as e:
         raise RendezvousError(f"rendezvous host {host} resolves to loopback ({', '.join(sorted(mine))}) on {here} "
-                              f"and SLURM's address for it is unknown ({e}); refusing to rendezvous on localhost") from None
+                              f"and SLURM's address for it is unknown ({e}); refusing to rendezvous on "
+                              "localhost") from None
     if not mine & slurms:
         raise RendezvousError(f"rendezvous host {host} resolves to {', '.join(sorted(mine))} on {here}, but SLURM "
                               f"reaches it at {node_addr} ({', '.join(sorted(slurms))}): fix /etc/hosts or DNS "
@@ -238,6 +239,7 @@ class NodeEntry:
                        f"({e.stderr.strip()}). Continue with `launch resubmit`.")
             return
         except (OSError, subprocess.TimeoutExpired) as e:
-            _log(task, f"checkpoint at step {step} written; scontrol unusable here ({e}). Continue with `launch resubmit`.")
+            _log(task, f"checkpoint at step {step} written; scontrol unusable here ({e}). "
+                       "Continue with `launch resubmit`.")
             return
         _log(task, f"checkpoint at step {step} written; requeued ({task.restarts + 1}/{max_requeues})")

@@ -103,6 +103,17 @@ def choose_batch(target: int, max_micro: int, world: int) -> tuple[int, int, int
     return micro, accum, micro * accum * world
 
 
+_MEMO: dict = {}
+
+
+def _memo(fn, pair: Pair, **knobs):
+    """Memory-model calls repeat across sweep tasks that differ only in seed or lr: compute each once."""
+    key = (fn.__name__, pair.sender.source, pair.receiver.source, tuple(sorted(knobs.items())))
+    if key not in _MEMO:
+        _MEMO[key] = fn(pair, **knobs)
+    return _MEMO[key]
+
+
 def make_plan(pair: Pair, run: RunConfig, *, gpus: int, profile: ClusterProfile, mode: str,
               global_batch: int | None = None, micro_batch: int | None = None,
               table: list[TableRow] | None = None) -> Plan:
@@ -114,12 +125,12 @@ def make_plan(pair: Pair, run: RunConfig, *, gpus: int, profile: ClusterProfile,
                  bridge=run.bridge, zero_stage=run.train.zero_stage,
                  activation_checkpointing=run.train.activation_checkpointing)
     gpu_gb = profile.gpu_memory_gb
-    if not memory.weights_fit(pair, backend=run.backend, world_size=world, gpu_memory_gb=gpu_gb):
-        w = memory.estimate(pair, micro_batch=1, **knobs).components["frozen_weights"]
+    if not _memo(memory.weights_fit, pair, backend=run.backend, world_size=world, gpu_memory_gb=gpu_gb):
+        w = _memo(memory.estimate, pair, micro_batch=1, **knobs).components["frozen_weights"]
         fix = "use --backend fsdp with more GPUs" if run.backend != "fsdp" else "use more GPUs"
         raise UserError(f"{pair.name}: frozen weights alone need {w:.1f} GiB per GPU under {run.backend} on {world} GPU(s), "
                         f"more than the {gpu_gb:g} GB GPU; {fix}, or a GPU with more memory")
-    fits = memory.max_micro_batch(pair, gpu_memory_gb=gpu_gb, **knobs)
+    fits = _memo(memory.max_micro_batch, pair, gpu_memory_gb=gpu_gb, **knobs)
     if fits < 1:
         raise UserError(f"{pair.name}: not even micro-batch 1 fits a {gpu_gb:g} GB GPU under {run.backend} at sequence "
                         f"length {run.data.max_length}; shorten --max-length, use --backend fsdp, or more GPUs")
@@ -134,8 +145,8 @@ def make_plan(pair: Pair, run: RunConfig, *, gpus: int, profile: ClusterProfile,
         source, max_micro = "table", row.micro_batch
         # Judge the row at its own sequence length: that is the claim the table makes.
         at_row = {**knobs, "seq_len": row.seq_len}
-        est_row = memory.estimate(pair, micro_batch=row.micro_batch, **at_row).total_gib
-        fits_row = memory.max_micro_batch(pair, gpu_memory_gb=gpu_gb, **at_row)
+        est_row = _memo(memory.estimate, pair, micro_batch=row.micro_batch, **at_row).total_gib
+        fits_row = _memo(memory.max_micro_batch, pair, gpu_memory_gb=gpu_gb, **at_row)
         if row.micro_batch > fits_row:
             notes.append(f"table row micro-batch {row.micro_batch} does not fit by the memory model at seq {row.seq_len} "
                          f"({est_row:.1f} GiB; largest {fits_row})")
@@ -154,7 +165,7 @@ def make_plan(pair: Pair, run: RunConfig, *, gpus: int, profile: ClusterProfile,
         why = (f"{world} GPUs x at least 1 sample" if glob > target and micro == 1 and accum == 1
                else f"micro-batch {micro} x accumulation {accum} x {world} GPUs")
         notes.append(f"global batch {glob} instead of the target {target} ({why})")
-    est = memory.estimate(pair, micro_batch=micro, **knobs)
+    est = _memo(memory.estimate, pair, micro_batch=micro, **knobs)
     batch = BatchPlan(micro, accum, glob, target, source, row.to_dict() if row else None, fits, tuple(notes))
     run = run.replace(train={"micro_batch": micro, "grad_accum": accum}, predicted_peak_gib=round(est.total_gib, 3))
     device = profile.device if mode == "slurm" else "auto"

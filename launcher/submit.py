@@ -73,8 +73,8 @@ class SubmitResult:
             lines.append(f"  skipped {len(self.skipped_complete)} completed task(s)")
         if self.skipped_active:
             lines.append(f"  skipped {len(self.skipped_active)} task(s) still queued or running")
-        task = " --task 0" if self.kind == "sweep" else ""
-        lines.append(f"  follow: launch status {shlex.quote(self.root)}   |   launch logs {shlex.quote(self.root)}{task} --follow")
+        root, task = shlex.quote(self.root), " --task 0" if self.kind == "sweep" else ""
+        lines.append(f"  follow: launch status {root}   |   launch logs {root}{task} --follow")
         return "\n".join(lines)
 
 
@@ -216,7 +216,8 @@ def _record_for(plans: Sequence[Plan], root: Path, kind: str) -> JobRecord:
     run_dirs = [str(Path(p.run.run_dir).absolute()) for p in plans]
     if not (root / JOBS_FILE).exists():
         names = [Path(d).name if kind == "sweep" else p.run.name for d, p in zip(run_dirs, plans)]
-        return JobRecord(root=str(root), kind=kind, tasks=[TaskRecord(i, n, d) for i, (n, d) in enumerate(zip(names, run_dirs))])
+        tasks = [TaskRecord(i, n, d) for i, (n, d) in enumerate(zip(names, run_dirs))]
+        return JobRecord(root=str(root), kind=kind, tasks=tasks)
     record = JobRecord.load(root)
     if record.kind != kind or [t.run_dir for t in record.tasks] != run_dirs:
         raise UserError(f"{root} already holds a different {record.kind} ({len(record.tasks)} task(s)); "

@@ -42,10 +42,6 @@ def parse_spec(spec: str, keys: dict[str, tuple[str, str, Any]]) -> tuple[str, l
     if len(set(raw)) != len(raw):
         raise UserError(f"--sweep {key}: repeated value in {values!r}; list each value once")
     parse = keys[key][2]
-    if key == "task":  # a task must exist here, not fail on a compute node
-        from launcher.cmd_run import check_task  # noqa: PLC0415
-
-        parse = check_task
     parsed = []
     for v in raw:
         try:

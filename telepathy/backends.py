@@ -79,6 +79,13 @@ class Wrapped:
     def _live_shapes(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.reshape(1) if k in self.scalars else v for k, v in state.items()}
 
+    def _optimizer_shapes(self, optim: dict[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
+        """AdamW moments of promoted scalars in `shape`: () on disk, (1,) while sharded."""
+        for name in self.scalars & set(optim.get("state", {})):
+            optim["state"][name] = {k: v.reshape(shape) if torch.is_tensor(v) and k != "step" else v
+                                    for k, v in optim["state"][name].items()}
+        return optim
+
     # ------------------------------------------------------------------ stepping
 
     def _sync(self, last: bool) -> contextlib.AbstractContextManager:
@@ -116,7 +123,8 @@ class Wrapped:
         """Full AdamW state keyed by parameter name on rank 0 (portable across plain/DDP/FSDP)."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.bridge, self.optimizer, options=_full_options())
+        optim = get_optimizer_state_dict(self.bridge, self.optimizer, options=_full_options())
+        return self._optimizer_shapes(optim, ())
 
     def scheduler_state(self) -> dict[str, Any]:
         return self.scheduler.state_dict()
@@ -135,7 +143,7 @@ class Wrapped:
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         if optim is None:
             return False
-        set_optimizer_state_dict(self.bridge, self.optimizer, optim, options=options)
+        set_optimizer_state_dict(self.bridge, self.optimizer, self._optimizer_shapes(optim, (1,)), options=options)
         return True
 
     # ------------------------------------------------------------------ after training

@@ -90,7 +90,7 @@ def measure(pair: Pair, *, knobs: dict, gpu_memory_gb: float, say=print) -> list
 def versions() -> dict[str, str]:
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": str(torch.version.cuda),
+    return {"torch": str(torch.__version__), "transformers": str(transformers.__version__), "cuda": str(torch.version.cuda),
             "python": platform.python_version()}
 
 

@@ -30,6 +30,14 @@ from telepathy.registry import ModelSpec, Pair
 GIB = 2**30
 BF16, FP32, INT64 = 2, 4, 8
 ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
+# Backends telepathy/trace.py can trace (DeepSpeed's ZeRO buffers live outside what the tracker sees).
+TRACED_BACKENDS = ("ddp", "fsdp")
+
+
+def check_traceable(backend: str) -> None:
+    if backend not in TRACED_BACKENDS:
+        raise UserError(f"--trace supports {' and '.join(TRACED_BACKENDS)}; for {backend} use the analytic estimate "
+                        "(launch memory without --trace)")
 
 # The one definition of usable GPU memory. Profiles give GPU memory in GB (decimal, as sold: "80 GB");
 # the estimate is in GiB. Held back: the CUDA context, NCCL and cuBLAS workspaces (fixed) and allocator
@@ -233,14 +241,22 @@ def _sender_layer_peak(st: _Step) -> float:
     return _sender_tokens_bytes(st, 0) + s * max(mlp, attn)
 
 
+def _bridge_input_saved(st: _Step) -> float:
+    """Per sender token: the input LayerNorm's input (new memory unless it is a cached batch tensor already
+    in the bridge's dtype) and the input projection's input (when the widths differ)."""
+    d_s, e = st.pair.sender.hidden, st.bridge_bytes
+    norm_input = 0 if st.sender_cache and e == BF16 else e * d_s
+    return norm_input + e * d_s * (d_s != st.pair.receiver.hidden)
+
+
 def _bridge_seq_saved(st: _Step) -> float:
     """Per sample, what the bridge (telepathy/bridge.py) saves over the sender tokens: the input
     LayerNorm's input, the input projection's input (when the widths differ), and per block the
     cross-attention's contiguous copy of the keys (nn.MultiheadAttention runs sequence-first, so the
     batch-first keys are copied for the k/v projection, which saves the copy), its packed k/v output and
     the per-head padding mask."""
-    b, d, d_s, e = st.bridge, st.pair.receiver.hidden, st.pair.sender.hidden, st.bridge_bytes
-    return st.seq * (e * d_s * (1 + (d_s != d)) + b.depth * (e * 3 * d + e * b.heads))
+    b = st.bridge
+    return st.seq * (_bridge_input_saved(st) + b.depth * (st.bridge_bytes * (3 * st.pair.receiver.hidden + b.heads)))
 
 
 def _bridge_latent_saved(st: _Step) -> float:
@@ -266,11 +282,10 @@ def _bridge_backward(st: _Step) -> dict[str, dict[str, float]]:
     blocks 0..k-1's keys copies, packed k/v and masks and block k's keys copy are saved; temporaries are
     the gradients of packed k/v (from each of k and v, then their sum: 2 widths each) and of the keys
     copy (1 width). Block k = depth-1 holds the most saved tensors, block 0 the most gradients (_fixed)."""
-    b, d, d_s, e = st.bridge, st.pair.receiver.hidden, st.pair.sender.hidden, st.bridge_bytes
-    inputs_saved = e * d_s * (1 + (d_s != d))
+    b, d, e = st.bridge, st.pair.receiver.hidden, st.bridge_bytes
 
     def at(k: int) -> dict[str, float]:
-        saved = inputs_saved + k * (e * 3 * d + e * b.heads) + e * d + e * b.heads
+        saved = _bridge_input_saved(st) + k * (e * 3 * d + e * b.heads) + e * d + e * b.heads
         return {"activations": st.inputs + st.seq * saved, "temporaries": st.seq * e * 7 * d}
 
     return {"bridge_backward_last": at(b.depth - 1), "bridge_backward": at(0)}

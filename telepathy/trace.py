@@ -3,9 +3,12 @@
 The project's own model (`step.build_telepathy_model(..., meta=True)`: truncated sender, bridge, receiver at
 full size) is materialised as fake CPU tensors and runs the trainer's step (TelepathyModel.forward, backward,
 gradient clipping, AdamW) under torch's MemTracker, which attributes every storage to parameters, gradients,
-optimizer state, activations (created in forward) or temporaries (created in backward). Two steps run and the
-statistics are reset after the first, so the peak includes AdamW's state. Under FSDP the model is sharded
-by the trainer's own wrapper over a fake process group and FSDPMemTracker adds the all-gather buffers.
+optimizer state, activations (created in forward) or temporaries (created in backward). Two steps run and
+only the second is tracked, so the peak includes AdamW's state. Under FSDP the model is sharded by the
+trainer's own wrapper (backends.wrap) over a fake process group and FSDPMemTracker adds the unsharded
+parameters and all-gather buffers. Besides the peak, each phase of the step (sender forward; bridge and
+receiver forward and backward; bridge backward; optimizer) reports its own peak, which is what the
+calibration tests hold telepathy.memory's moments to.
 
 Fake "cuda" tensors do not work with the CPU wheel (cpu-torch-stack.md §6), so the trace runs on fake CPU
 tensors: the allocations are the same, minus what only a GPU adds (CUDA context, allocator fragmentation),
@@ -26,11 +29,8 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 
 from telepathy.config import BridgeConfig, DataConfig, RunConfig, TrainConfig
-from telepathy.errors import UserError
-from telepathy.memory import GIB, PRIMER_LEN
+from telepathy.memory import GIB, PRIMER_LEN, check_traceable
 from telepathy.registry import Pair
-
-TRACED_BACKENDS = ("ddp", "fsdp")
 
 
 class _PhasePeaks:
@@ -243,9 +243,7 @@ def trace(pair: Pair, *, backend: str = "ddp", world_size: int = 1, micro_batch:
     from telepathy.backends import wrap
     from telepathy.step import build_telepathy_model
 
-    if backend not in TRACED_BACKENDS:
-        raise UserError(f"--trace supports {' and '.join(TRACED_BACKENDS)}; for deepspeed use the analytic estimate "
-                        "(ZeRO's buffers live outside what the tracker sees)")
+    check_traceable(backend)
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
     sharded = backend == "fsdp" and world_size > 1

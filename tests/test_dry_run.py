@@ -18,9 +18,10 @@ def test_dry_run_one_node_four_gpus_from_the_table(launch):
 def test_dry_run_two_nodes_rendezvous_on_first(launch):
     r = launch("--pair", "llama8b-mistral7b", "--gpus", "16", "--dry-run", "--json")
     assert r.returncode == 0, r.stderr
-    run = json.loads(r.stdout)["runs"][0]
+    doc = json.loads(r.stdout)
+    run = doc["runs"][0]
     assert run["plan"]["layout"] == {"nodes": 2, "gpus_per_node": 8, "world_size": 16}
-    assert "#SBATCH --nodes=2" in run["sbatch"]
+    assert "#SBATCH --nodes=2" in doc["sbatch"]
     for rank, argv in enumerate(run["torchrun"]):
         assert f"--node_rank={rank}" in argv and "--nnodes=2" in argv and "--rdzv_backend=c10d" in argv
         assert any(a.startswith("--rdzv_endpoint=$FIRST_NODE") for a in argv)
@@ -45,3 +46,11 @@ def test_dry_run_never_imports_torch_or_transformers(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "IMPORTED []" in r.stdout
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_sweep_dry_run_is_one_array_script(launch):
+    r = launch("--pair", "llama3b-qwen3b", "--gpus", "4", "--sweep", "seed=1,2,3", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert len(doc["runs"]) == 3 and doc["sbatch"].count("#SBATCH --array=") == 1
+    assert [run["plan"]["run"]["train"]["seed"] for run in doc["runs"]] == [1, 2, 3]

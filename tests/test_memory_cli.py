@@ -50,7 +50,6 @@ def test_measure_without_gpu_says_so_and_exits_2(launch):
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["--trace"], "--trace needs --micro-batch"),
     (["--trace", "--micro-batch", "1", "--backend", "deepspeed"], "--trace supports ddp and fsdp"),
     (["--micro-batch", "0"], "--micro-batch"),
     (["--trace", "--measure"], "not allowed with"),

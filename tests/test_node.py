@@ -11,8 +11,16 @@ import time
 import psutil
 import pytest
 
-from launcher.node import (PORT_BASE, PORT_SPAN, RendezvousError, SlurmTask, check_rendezvous_host,
-                           expand_nodelist, rendezvous_port, start_torchrun)
+from launcher.node import (
+    PORT_BASE,
+    PORT_SPAN,
+    RendezvousError,
+    SlurmTask,
+    check_rendezvous_host,
+    expand_nodelist,
+    rendezvous_port,
+    start_torchrun,
+)
 
 
 def test_slurm_task_from_env_uses_the_array_task_id_for_requeue():

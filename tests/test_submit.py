@@ -43,8 +43,10 @@ def test_one_task_per_node_with_all_its_gpus_and_preemption_settings(tmp_path):
                    account="proj", qos="high", time_limit_min=90)
     script = render_sbatch(plan)
     s = sbatch_lines(script)
-    assert (s["nodes"], s["ntasks-per-node"], s["gpus-per-node"], s["cpus-per-task"], s["mem"]) == ("2", "1", "4", "12", "8GB")
-    assert (s["signal"], s["time"], s["account"], s["qos"], s["partition"]) == ("USR2@45", "90", "proj", "high", "debug")
+    resources = (s["nodes"], s["ntasks-per-node"], s["gpus-per-node"], s["cpus-per-task"], s["mem"])
+    assert resources == ("2", "1", "4", "12", "8GB")
+    assert (s["signal"], s["time"], s["account"], s["qos"]) == ("USR2@45", "90", "proj", "high")
+    assert s["partition"] == "debug"
     assert "requeue" in s and "wckey" not in s and "error" not in s  # stderr goes to the one log per node
     assert s["output"] == f"{tmp_path}/r1/slurm/%j_0_log.out"
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
@@ -59,7 +61,8 @@ def test_the_job_runs_the_snapshot_with_the_job_environment(tmp_path):
     assert f"cd {code}" in script and f"export PYTHONPATH={code}${{PYTHONPATH:+:$PYTHONPATH}}" in script
     assert script.index(f"cd {code}") < script.index("srun ")
     for line in ("export PYTHONUNBUFFERED=1", "export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
-                 "export HF_HOME='/shared/hf cache'", "export OMP_NUM_THREADS=1", f"export TELEPATHY_CONFIGS={code}/configs"):
+                 "export HF_HOME='/shared/hf cache'", "export OMP_NUM_THREADS=1",
+                 f"export TELEPATHY_CONFIGS={code}/configs"):
         assert line in script
     assert "# batch: micro" in script  # the header says what the planner chose and why
 

@@ -19,7 +19,7 @@ def test_product_order_names_and_overrides():
     tasks = expand_sweep(["seed=1,2,3", "lr=1e-4,2e-4"])
     assert len(tasks) == 6
     names = [n for n, _ in tasks]
-    assert names[0] == "000-seed=1-lr=0.0001" and names[1] == "001-seed=1-lr=0.0002" and names[5].startswith("005-seed=3")
+    assert names[:2] == ["000-seed=1-lr=0.0001", "001-seed=1-lr=0.0002"] and names[5].startswith("005-seed=3")
     assert tasks[1][1] == {"train": {"seed": 1, "lr": 2e-4}}
     assert len(set(names)) == 6 and all(check_name(n) for n in names)
 
@@ -42,7 +42,7 @@ def test_pair_sweep_passes_the_pair_through():
 @pytest.mark.parametrize("spec,fragment", [
     ("seed", "KEY=V1,V2"), ("=1,2", "KEY=V1,V2"), ("colour=red", "unknown"), ("seed=1,,2", "empty value"),
     ("seed=1,1", "repeated"), ("lr=fast", "bad value"), ("steps=0", "bad value"), ("lr=-1", "bad value"),
-    ("task=nope", "unknown task"), ("seed=$(touch /tmp/x)", "bad value"), ("task=a;b", "unknown task"),
+    ("seed=$(touch /tmp/x)", "bad value"),
 ])
 def test_bad_specs_are_one_line_user_errors(spec, fragment):
     with pytest.raises(UserError, match=fragment):

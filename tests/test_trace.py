@@ -35,6 +35,9 @@ CASES = [  # (id, pair, knobs): sender/receiver families, backend, world, micro-
     ("mistral7b>llama8b-fsdp8-b12", pair("mistral7b-llama8b", 2), dict(backend="fsdp", world_size=8, micro_batch=12, seq_len=1024)),
     ("qwen1.5b>llama1b-fsdp4-b24", pair("qwen1.5b-llama1b", 3), dict(backend="fsdp", world_size=4, micro_batch=24, seq_len=1024)),
     ("llama3b-single-ddp-b48", pair("llama3b", 3), dict(micro_batch=48, seq_len=384)),
+    ("cached-llama8b>qwen7b-ddp-b32", pair("llama8b-qwen7b", 2), dict(micro_batch=32, seq_len=1536, sender_cache=True)),
+    ("cached-llama8b>qwen7b-fsdp4-b32", pair("llama8b-qwen7b", 2),
+     dict(backend="fsdp", world_size=4, micro_batch=32, seq_len=1536, sender_cache=True)),
 ]
 
 

@@ -66,6 +66,7 @@ def test_deepspeed_config_filled_from_run_config(tmp_path):
 
 def test_terminal_progress_is_a_live_bar():
     import os
+    import select
 
     master, slave = os.openpty()
     with os.fdopen(slave, "w") as tty:
@@ -73,8 +74,14 @@ def test_terminal_progress_is_a_live_bar():
         for step in range(2, 6):
             p.update(step, f"loss {1 / step:.3f}")
         p.close()
-    shown = os.read(master, 65536).decode(errors="replace")
+    chunks = []
+    while select.select([master], [], [], 0.2)[0]:  # the bar arrives in several writes
+        try:
+            chunks.append(os.read(master, 65536))
+        except OSError:  # EIO once the terminal's other end is closed and drained
+            break
     os.close(master)
+    shown = b"".join(chunks).decode(errors="replace")
     assert "5/5" in shown and "loss 0.200" in shown and "\r" in shown  # redrawn in place, not new lines
 
 

@@ -8,10 +8,11 @@ Step 1 therefore matches to 1e-6: only the order of the fp32 gradient sum differ
 the bridge's next gradient follows: losses and grad norms drift to ~3e-4 relative by step 4 (measured;
 weights < 1e-4 absolute). 1e-3 covers that and still fails on real errors: an unsynchronised or doubly
 counted micro-step changes step-1's grad norm (ranks see different halves) or the step-2 loss by far more,
-and a wrong 1/world scale shows in grad_norm (Adam itself is scale-invariant, so the loss alone would not).""""""
+and a wrong 1/world scale shows in grad_norm (Adam itself is scale-invariant, so the loss alone would not)."""
 
 import json
 import signal
+from pathlib import Path
 
 import psutil
 import pytest
@@ -52,6 +53,19 @@ def test_two_workers_match_one_process(name, single, tmp_path):
     for k in bridge:
         torch.testing.assert_close(bridge[k], ref_bridge[k], rtol=0, atol=5e-4, msg=k)  # seen: <1e-4
     assert (tmp_path / "eval.json").exists()
+    if name == "fsdp":
+        _continue_with_ddp(cfg)
+
+
+def _continue_with_ddp(fsdp_cfg) -> None:
+    """An FSDP checkpoint carries full, name-keyed weights and AdamW state: DDP resumes it completely."""
+    run_dir = Path(fsdp_cfg.run_dir)
+    (run_dir / "eval.json").unlink()
+    cfg = tiny_config(run_dir, backend="ddp", grad_accum=2, steps=5)
+    assert launch(cfg, 2) == 0, output(cfg)
+    log = (run_dir / "logs" / "worker_rank0.log").read_text()
+    assert f"resumed from {ckpt.step_dir(run_dir, 4)}\n" in log  # not "weights only"
+    assert 5 in losses(run_dir)
 
 
 def _signal_rank(proc, rank: int, sig: int) -> None:

@@ -17,7 +17,8 @@ def slurm_cluster():
     if os.environ.get("TELEPATHY_SKIP_SLURM") == "1":
         pytest.skip("TELEPATHY_SKIP_SLURM=1")
     conf = str(LAB / "etc" / "slurm.conf")
-    was_up = subprocess.run([REPO / "slurm" / "up.sh", "--status"], env=dict(os.environ, SLURM_CONF=conf)).returncode == 0
+    env = dict(os.environ, SLURM_CONF=conf)
+    was_up = subprocess.run([REPO / "slurm" / "up.sh", "--status"], env=env).returncode == 0
     up = subprocess.run([REPO / "slurm" / "up.sh"], capture_output=True, text=True, timeout=600)
     assert up.returncode == 0, f"slurm/up.sh failed:\n{up.stdout}\n{up.stderr}"
     previous = os.environ.get("SLURM_CONF")

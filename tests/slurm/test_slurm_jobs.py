@@ -18,12 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from cluster import REPO, last_step, launch, launch_json, logs, status, tiny_plan, tiny_run, wait_done, wait_for
 
-from cluster import (REPO, launch, launch_json, last_step, logs, status, tiny_plan, tiny_run, wait_done,
-                     wait_for)
 from launcher import jobs
+from launcher.submit import submit_slurm
 from launcher.sweep import expand_sweep
-from launcher.submit import render_sbatch, submit_slurm
 
 pytestmark = pytest.mark.slurm
 
@@ -69,8 +68,9 @@ def started(slurm_cluster, tmp_path_factory):
     out["reference"] = {"plan": ref, "checkout": checkout, "driver": json.loads(drv.stdout.splitlines()[-1])}
 
     preempt = tiny_plan(tiny_run(base / "preempted", steps=STEPS), max_requeues=1)
-    pool = ThreadPoolExecutor(1)  # the preemption scenario must watch its job from the start: it runs beside
-    out["preempted"] = pool.submit(_preemption_scenario, submit_slurm([preempt]))  # the other tests
+    # The preemption scenario must watch its job from the start: it runs in a thread beside the other tests.
+    pool = ThreadPoolExecutor(1)
+    out["preempted"] = pool.submit(_preemption_scenario, submit_slurm([preempt]))
 
     probe = base / "probe"
     probe.mkdir()
@@ -79,11 +79,15 @@ def started(slurm_cluster, tmp_path_factory):
         f"printenv TELEPATHY_PROBE > {shlex.quote(str(probe / 'value'))}",
         f"if [ -n \"${{HF_TOKEN:-}}\" ]; then touch {shlex.quote(str(probe / 'token_seen'))}; fi"))
     hostile = dataclasses.replace(hostile, profile=prof)
+    saved = os.environ.get("HF_TOKEN")
     os.environ["HF_TOKEN"] = TOKEN  # as a user's shell would have it: sbatch passes it on, nothing writes it
     try:
         out["hostile"] = {"plan": hostile, "result": submit_slurm([hostile]), "probe": probe}
     finally:
-        del os.environ["HF_TOKEN"]
+        if saved is None:
+            del os.environ["HF_TOKEN"]
+        else:
+            os.environ["HF_TOKEN"] = saved
 
     sweep_dir = base / "sweep"
     plans = [tiny_plan(tiny_run(sweep_dir / name, name=f"sweep.{name}").replace(**o))
@@ -115,8 +119,7 @@ def test_cli_sweep_is_one_array_per_max_array_size_and_cancels(slurm_cluster, tm
     assert [r["state"] for r in rows] == ["PENDING"] * 3 and [r["name"][:3] for r in rows] == ["000", "001", "002"]
     cancelled = launch_json("cancel", str(root))["cancelled"]
     assert sorted(cancelled) == sorted(t.job_id for t in record.tasks)
-    rows = wait_for(lambda: (r := status(root)) and all(x["state"] == "CANCELLED" for x in r) and r, "cancel", timeout=60)
-    assert len(rows) == 3
+    wait_for(lambda: [x["state"] for x in status(root)] == ["CANCELLED"] * 3, "the cancel", timeout=60)
     again = launch_json("resubmit", str(root), "--task", "2")  # cancelled tasks can be submitted again
     assert again["submitted"] == [2] and again["code_dir"] == record.submissions[-1]["code_dir"]
     assert launch_json("cancel", str(root), "--task", "2")["cancelled"] == [jobs.JobRecord.load(root).tasks[2].job_id]
@@ -124,7 +127,7 @@ def test_cli_sweep_is_one_array_per_max_array_size_and_cancels(slurm_cluster, tm
 
 def test_one_node_job_runs_its_snapshot_and_the_submitted_bytes_are_the_dry_run(started):
     ref = started["reference"]
-    plan, checkout, driver = ref["plan"], ref["checkout"], ref["driver"]
+    checkout, driver = ref["checkout"], ref["driver"]
     assert driver["imported_from"].startswith(str(checkout))  # submitted by the copy, not the repo
     root = Path(driver["root"])
     job_id = driver["job_ids"][0]
@@ -165,7 +168,8 @@ def _preemption_scenario(result) -> dict:
     wait_for(lambda: "requeued (1/1)" in logs(root), "the requeue", timeout=120)
     first_stop = json.loads((root / "preempted.json").read_text())["step"]
     wait_for(lambda: "attempt 2 on" in logs(root), "the second attempt", timeout=120)
-    wait_for(lambda: "resumed from" in logs(root) and last_step(root) >= first_stop + 2, "resumed training", timeout=240)
+    wait_for(lambda: "resumed from" in logs(root) and last_step(root) >= first_stop + 2, "resumed training",
+             timeout=240)
     seen["step_at_second_signal"] = last_step(root)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     (seen["stopped"],) = wait_done(root, timeout=180)
@@ -182,7 +186,7 @@ def test_preempted_task_requeues_resumes_and_ends_with_the_uninterrupted_weights
     seen = started["preempted"].result(timeout=600)
     root, stopped, final = seen["root"], seen["stopped"], seen["final"]
     assert seen["step_at_second_signal"] < STEPS, "finished before the second signal: raise STEPS"
-    assert stopped["state"] == "FAILED" and stopped["exit_code"] == "75:0" and stopped["attempts"] == 2, seen["stopped_logs"]
+    assert (stopped["state"], stopped["exit_code"], stopped["attempts"]) == ("FAILED", "75:0", 2), seen["stopped_logs"]
     assert "NOT requeued: already requeued 1 time(s)" in seen["stopped_logs"]
     stopped_at = stopped["checkpoint_on_preemption"]
     assert seen["first_stop"] < stopped_at < STEPS and not stopped["complete"]
