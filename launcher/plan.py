@@ -122,10 +122,11 @@ def make_plan(pair: Pair, run: RunConfig, *, gpus: int, profile: ClusterProfile,
     layout = layout_for(gpus, profile, mode)
     world = layout.world_size
     knobs = dict(backend=run.backend, world_size=world, seq_len=run.data.max_length, answer_len=run.data.answer_length,
-                 bridge=run.bridge, zero_stage=run.train.zero_stage,
-                 activation_checkpointing=run.train.activation_checkpointing)
+                 bridge=run.bridge, zero_stage=run.train.zero_stage, bridge_dtype=run.train.bridge_dtype,
+                 activation_checkpointing=run.train.activation_checkpointing, sender_cache=run.train.sender_cache)
     gpu_gb = profile.gpu_memory_gb
-    if not _memo(memory.weights_fit, pair, backend=run.backend, world_size=world, gpu_memory_gb=gpu_gb):
+    if not _memo(memory.weights_fit, pair, backend=run.backend, world_size=world, gpu_memory_gb=gpu_gb,
+                 bridge=run.bridge, sender_cache=run.train.sender_cache):
         w = _memo(memory.estimate, pair, micro_batch=1, **knobs).components["frozen_weights"]
         fix = "use --backend fsdp with more GPUs" if run.backend != "fsdp" else "use more GPUs"
         raise UserError(f"{pair.name}: frozen weights alone need {w:.1f} GiB per GPU under {run.backend} on {world} GPU(s), "
