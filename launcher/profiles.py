@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from telepathy.errors import UserError
-from telepathy.paths import configs_dir
+from telepathy.paths import configs_dir, read_yaml
 
 DEFAULT_PROFILE = "dgx-h100"
 
@@ -92,13 +91,9 @@ def load_profile(name: str | None = None, overrides: dict[str, str | None] | Non
     environ = os.environ if environ is None else environ
     name = name or environ.get("TELEPATHY_CLUSTER") or DEFAULT_PROFILE
     path = Path(name) if name.endswith((".yaml", ".yml")) else configs_dir() / "clusters" / f"{name}.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"cluster profile '{name}' not found ({path}); available: {', '.join(profile_names())}") from None
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise UserError(f"cluster profile {path} is not valid YAML{f' (line {line + 1})' if line is not None else ''}; fix the file") from None
+    if not path.is_file():
+        raise UserError(f"cluster profile '{name}' not found ({path}); available: {', '.join(profile_names())}")
+    raw = read_yaml(path, "cluster profile", "check the path")
     if not isinstance(raw, dict):
         raise UserError(f"cluster profile {path} must be a mapping of fields; see configs/clusters/dgx-h100.yaml")
     known = {f.name for f in dataclasses.fields(ClusterProfile)}

@@ -11,7 +11,7 @@ import yaml
 
 from telepathy.config import atomic_write_text
 from telepathy.errors import UserError
-from telepathy.paths import configs_dir
+from telepathy.paths import configs_dir, read_yaml
 from telepathy.registry import Pair
 
 
@@ -44,13 +44,7 @@ def table_path() -> Path:
 
 def load_table(path: Path | None = None) -> list[TableRow]:
     path = path or table_path()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"memory table {path} not found; restore configs/memory_table.yaml") from None
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise UserError(f"memory table {path} is not valid YAML{f' (line {line + 1})' if line is not None else ''}; fix the file") from None
+    raw = read_yaml(path, "memory table", "restore configs/memory_table.yaml")
     if not isinstance(raw, dict) or not isinstance(raw.get("rows"), list):
         raise UserError(f"memory table {path} needs a top-level 'rows' list; see the comment at its top")
     rows = []

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from telepathy.errors import UserError
-from telepathy.paths import configs_dir
+from telepathy.paths import configs_dir, read_yaml
 
 _ARCH_FIELDS = ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
 
@@ -174,13 +173,7 @@ def _spec(alias: str, entry: dict, families: dict, *, where: str) -> ModelSpec:
 
 @functools.lru_cache(maxsize=4)
 def _load(path: Path) -> Registry:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"model registry {path} not found; restore configs/models.yaml or set TELEPATHY_CONFIGS") from None
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise UserError(f"model registry {path} is not valid YAML{f' (line {line + 1})' if line is not None else ''}; fix the file") from None
+    raw = read_yaml(path, "model registry", "restore configs/models.yaml or set TELEPATHY_CONFIGS")
     if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict) or not isinstance(raw.get("families"), dict):
         raise UserError(f"model registry {path} needs top-level 'families' and 'models' mappings; fix the file")
     models: dict[str, ModelSpec] = {}
@@ -214,7 +207,7 @@ def spec_from_local_dir(path: Path) -> ModelSpec:
     family = _FAMILY_OF_MODEL_TYPE.get(cfg.get("model_type", ""))
     if family is None:
         raise UserError(f"{cfg_file}: model_type '{cfg.get('model_type')}' is not supported; use a llama, mistral or qwen2 checkpoint")
-    fams = yaml.safe_load((configs_dir() / "models.yaml").read_text())["families"]
+    fams = read_yaml(configs_dir() / "models.yaml", "model registry", "restore configs/models.yaml")["families"]
     heads = cfg["num_attention_heads"]
     entry = {
         "family": family, "hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"], "heads": heads,
