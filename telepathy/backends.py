@@ -65,26 +65,10 @@ class Wrapped:
 
     backend = "none"
 
-    scalars: set[str] = set()  # bridge parameters promoted from shape () to (1,) for flat sharding
-
     def __init__(self, model: TelepathyModel, cfg: RunConfig):
         self.model, self.cfg = model, cfg
         self.bridge: nn.Module = model.bridge  # the unwrapped bridge
         self.optimizer, self.scheduler = make_optimizer(model.trainable_parameters(), cfg.train)
-
-    def _saved_shapes(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Checkpoints keep the module's own shapes, so they load into any backend."""
-        return {k: v.reshape(()) if k in self.scalars else v for k, v in state.items()}
-
-    def _live_shapes(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.reshape(1) if k in self.scalars else v for k, v in state.items()}
-
-    def _optimizer_shapes(self, optim: dict[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
-        """AdamW moments of promoted scalars in `shape`: () on disk, (1,) while sharded."""
-        for name in self.scalars & set(optim.get("state", {})):
-            optim["state"][name] = {k: v.reshape(shape) if torch.is_tensor(v) and k != "step" else v
-                                    for k, v in optim["state"][name].items()}
-        return optim
 
     # ------------------------------------------------------------------ stepping
 
@@ -117,14 +101,13 @@ class Wrapped:
         """Full bridge weights on rank 0's CPU (empty elsewhere)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return self._saved_shapes(get_model_state_dict(self.bridge, options=_full_options()))
+        return get_model_state_dict(self.bridge, options=_full_options())
 
     def optimizer_state(self) -> dict[str, Any] | None:
         """Full AdamW state keyed by parameter name on rank 0 (portable across plain/DDP/FSDP)."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        optim = get_optimizer_state_dict(self.bridge, self.optimizer, options=_full_options())
-        return self._optimizer_shapes(optim, ())
+        return get_optimizer_state_dict(self.bridge, self.optimizer, options=_full_options())
 
     def scheduler_state(self) -> dict[str, Any]:
         return self.scheduler.state_dict()
@@ -138,12 +121,12 @@ class Wrapped:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         options = _full_options()
-        set_model_state_dict(self.bridge, self._live_shapes(ckpt.bridge()), options=options)
+        set_model_state_dict(self.bridge, ckpt.bridge(), options=options)
         optim = ckpt.optimizer()
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         if optim is None:
             return False
-        set_optimizer_state_dict(self.bridge, self.optimizer, self._optimizer_shapes(optim, (1,)), options=options)
+        set_optimizer_state_dict(self.bridge, self.optimizer, optim, options=options)
         return True
 
     # ------------------------------------------------------------------ after training
@@ -189,7 +172,6 @@ class FSDPWrapped(Wrapped):
         if model.sender is not None:
             fully_shard(model.sender, mesh=mesh)
         fully_shard(model.receiver, mesh=mesh)
-        self.scalars = _promote_scalars(model.bridge)
         fully_shard(model.bridge, mesh=mesh)
         fully_shard(model, mesh=mesh)
         super().__init__(model, cfg)  # AdamW over the sharded (DTensor) bridge parameters
@@ -215,7 +197,6 @@ class DeepSpeedWrapped(Wrapped):
                 frozen.to(device)  # loaded on the CPU for sharded backends; ZeRO shards only the bridge
         bridge = model.bridge
         self._skeleton = copy.deepcopy(bridge).to("meta")  # shape-only twin for the rank-0 evaluation copy
-        self.scalars = _promote_scalars(bridge)  # ZeRO flattens parameters: 0-d ones break it
         self.model, self.cfg = model, cfg
         optimizer, scheduler = make_optimizer(list(bridge.parameters()), cfg.train)
         engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -247,7 +228,7 @@ class DeepSpeedWrapped(Wrapped):
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         with self._gathered():
             state = {k: v.detach().to("cpu", copy=True) for k, v in self.bridge.state_dict().items()} if rank0 else {}
-        return self._saved_shapes(state)
+        return state
 
     def optimizer_state(self):
         return None  # in write_rank_files: DeepSpeed's own partitioned format
@@ -265,7 +246,7 @@ class DeepSpeedWrapped(Wrapped):
             self.engine.load_checkpoint(str(ckpt.deepspeed_dir), tag="state", load_optimizer_states=True,
                                         load_lr_scheduler_states=True)
             return True
-        state = self._live_shapes(ckpt.bridge())
+        state = ckpt.bridge()
         dtype = next(self.bridge.parameters()).dtype
         with deepspeed.zero.GatheredParameters(list(self.bridge.parameters()), modifier_rank=0) if self._zero3 \
                 else contextlib.nullcontext():
@@ -280,19 +261,6 @@ class DeepSpeedWrapped(Wrapped):
         bridge.load_state_dict(bridge_state)
         self.model.bridge = bridge
         return self.model
-
-
-def _promote_scalars(module: nn.Module) -> set[str]:
-    """FSDP2 cannot shard 0-d parameters: turn each into shape (1,) (same broadcasting in the forward).
-    Returns their names; optimizer state keeps the (1,) shape, weights are saved with the original ()."""
-    names = set()
-    for name, p in list(module.named_parameters()):
-        if p.dim() == 0:
-            owner_name, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            setattr(owner, attr, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
-            names.add(name)
-    return names
 
 
 def import_deepspeed():

@@ -1,7 +1,9 @@
-"""The bridge's exact parameter count in closed form. Torch-free: the launcher's memory model uses it;
-tests check it against the module (telepathy/bridge.py)."""
+"""The bridge's shape facts, torch-free: its exact parameter count in closed form (tests check it against
+telepathy/bridge.py) and the sender layer it taps. The memory model and the step both use them."""
 
 from __future__ import annotations
+
+from telepathy.errors import UserError
 
 
 def bridge_param_count(cfg, src_dim: int, tgt_dim: int) -> int:
@@ -14,3 +16,12 @@ def bridge_param_count(cfg, src_dim: int, tgt_dim: int) -> int:
     block = 2 * (4 * d * d + 4 * d) + (2 * r * d * d + (r + 1) * d) + 6 * d
     input_proj = src_dim * d + d if src_dim != d else 0
     return cfg.depth * block + cfg.soft_tokens * d + 2 * src_dim + input_proj + 1
+
+
+def source_layer(cfg: BridgeConfig, sender: ModelSpec) -> int:
+    """The tapped layer as an index into HF `hidden_states` (0 = embeddings); None -> layers - 1."""
+    layer = sender.layers - 1 if cfg.source_layer is None else cfg.source_layer
+    if not 0 <= layer <= sender.layers:
+        raise UserError(f"source_layer {layer} is outside 0..{sender.layers} for {sender.alias}; "
+                        f"pick a hidden_states index of the sender (default {sender.layers - 1})")
+    return layer

@@ -22,6 +22,7 @@ read more than about once in total, i.e. several epochs or several sweep tasks o
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -205,7 +206,10 @@ def _exclusive(lock_path: Path, poll_log_s: float = 60.0):
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except OSError:
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):  # e.g. ENOLCK: NFS mounted without lockd
+                    raise RuntimeError(f"cannot lock {lock_path} ({e.strerror}); put the sender cache on a "
+                                       "filesystem with POSIX locks (set TELEPATHY_CACHE) or turn it off") from None
                 if time.monotonic() - start > poll_log_s:
                     log.info("sender cache: still waiting for another builder (%s)", lock_path.name)
                     start = time.monotonic()

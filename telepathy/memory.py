@@ -21,7 +21,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 
-from telepathy.bridge_shape import bridge_param_count
+from telepathy.bridge_shape import bridge_param_count, source_layer
 from telepathy.config import BACKENDS, BridgeConfig, DataConfig, TrainConfig
 from telepathy.errors import UserError
 from telepathy.paths import configs_dir
@@ -115,12 +115,8 @@ class Line:
 
 
 def tapped_layers(sender: ModelSpec, bridge: BridgeConfig) -> int:
-    """Decoder layers the sender runs: `hidden_states[i]` needs layers 0..i-1 (None = layers - 1)."""
-    n = sender.layers - 1 if bridge.source_layer is None else bridge.source_layer
-    if not 0 <= n <= sender.layers:
-        raise UserError(f"bridge.source_layer {bridge.source_layer} is outside 0..{sender.layers} for {sender.alias}; "
-                        f"pick a layer of the sender")
-    return n
+    """Decoder layers the sender runs: `hidden_states[i]` needs layers 0..i-1."""
+    return source_layer(bridge, sender)
 
 
 def frozen_param_counts(pair: Pair, bridge: BridgeConfig, sender_cache: bool = False) -> dict[str, int]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from telepathy.bridge import Bridge, target_rms_of
+from telepathy.bridge_shape import source_layer
 from telepathy.config import BridgeConfig, RunConfig
 from telepathy.errors import UserError
 from telepathy.loading import load_device, load_model, load_tokenizer, select_attention
@@ -148,15 +149,6 @@ class TelepathyModel(nn.Module):
         diversity = batch_diversity(soft)
         loss = lm_loss + self.diversity_weight * diversity
         return StepOutput(loss=loss, lm_loss=lm_loss.detach(), diversity=diversity.detach(), n_tokens=n_tokens)
-
-
-def source_layer(cfg: BridgeConfig, sender: ModelSpec) -> int:
-    """The tapped layer as an index into HF `hidden_states` (0 = embeddings); None -> layers - 1."""
-    layer = sender.layers - 1 if cfg.source_layer is None else cfg.source_layer
-    if not 0 <= layer <= sender.layers:
-        raise UserError(f"source_layer {layer} is outside 0..{sender.layers} for {sender.alias}; "
-                        f"pick a hidden_states index of the sender (default {sender.layers - 1})")
-    return layer
 
 
 def _shared_body(lm: nn.Module, spec: ModelSpec, num_layers: int, attn: str) -> nn.Module:

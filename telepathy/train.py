@@ -23,6 +23,7 @@ This module imports torch inside its functions so the torch-free launcher can im
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from telepathy import manifest
 from telepathy.config import RunConfig, atomic_write_text
 from telepathy.errors import UserError
 
@@ -142,7 +144,8 @@ def run(cfg: RunConfig, *, stop: _StopFlag | None = None) -> dict[str, Any]:
     if own_flag:
         stop.install()
     try:
-        return _run(cfg, run_dir, rank, world, local_rank, stop)
+        with manifest.recorded(cfg, enabled=rank == 0, preempted=(Preempted,)):
+            return _run(cfg, run_dir, rank, world, local_rank, stop)
     finally:
         if own_flag:
             stop.uninstall()
@@ -209,7 +212,8 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, local_rank: int |
         unsharded, _, _ = build_telepathy_model(plain, pair, device)
         return unsharded
 
-    from telepathy.evaluate import evaluate, format_eval_table
+    from telepathy.evaluate import evaluate, format_eval_table, full_sender
+    from telepathy.report import eval_record
 
     if cache is not None:
         eval_model = rebuild()
@@ -217,23 +221,14 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, local_rank: int |
     else:
         eval_model = wrapped.local_model(bridge_state, rebuild)
     eval_model.eval()
+    needs_sender = bool({"sender", "text_relay"} & set(cfg.eval.baselines))
     results = evaluate(eval_model, task, (sender_tok, receiver_tok), cfg.eval, device, data_cfg=cfg.data,
-                       sender_lm=_sender_lm(cfg, pair, eval_model, device))
+                       sender_lm=full_sender(eval_model, pair, device) if needs_sender else None)
     atomic_write_text(run_dir / EVAL_FILE, json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    with contextlib.closing(MetricsWriter(run_dir)) as m:  # evaluation beside the curves (TensorBoard)
+        m.write(eval_record(results, step))
     print(format_eval_table(results), flush=True)
     return results
-
-
-def _sender_lm(cfg: RunConfig, pair, model, device):
-    """The full sender causal LM for the sender/text-relay baselines (the receiver itself for a
-    single-model pair), or None when no baseline needs it."""
-    if not {"sender", "text_relay"} & set(cfg.eval.baselines):
-        return None
-    if pair.single:
-        return model.receiver.lm
-    from telepathy.loading import load_model, select_attention
-
-    return load_model(pair.sender, device=device, attn_implementation=select_attention(device)[0])
 
 
 def _resume(run_dir: Path, wrapped, sampler, rank: int, world: int) -> int:

@@ -261,3 +261,10 @@ def test_tensorboard_event_files_of_a_real_run(real_run, tmp_path):
     got = scalars(tmp_path)
     assert got["eval/accuracy/bridge"] == [(train[-1]["step"], pytest.approx(100 * ev["accuracy"]["bridge"]))]
     assert got["eval/latency_ms/bridge"][0][1] == pytest.approx(ev["latency_ms"]["bridge"]["median"])
+
+
+def test_real_run_manifest_and_eval_in_tensorboard(real_run):
+    from telepathy.metrics import read_metrics
+
+    assert manifest.load(real_run)["exit"] == {"state": "completed"}
+    assert read_metrics(real_run)[-1]["kind"] == "eval"
