@@ -20,7 +20,7 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsWriter:
     """Appends records to metrics.jsonl; a no-op on ranks other than 0."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resumed_at: int = 0):
         from telepathy.tb import TensorBoardSink
 
         self.path = Path(run_dir) / METRICS_FILE
@@ -28,7 +28,8 @@ class MetricsWriter:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "a", buffering=1)  # line-buffered: a killed job keeps every full line
-        self._tensorboard = TensorBoardSink(run_dir, enabled=enabled)
+        # After a requeue, TensorBoard drops the steps logged after the checkpoint (they are redone).
+        self._tensorboard = TensorBoardSink(run_dir, enabled=enabled, purge_step=resumed_at + 1 if resumed_at else None)
 
     def write(self, record: dict[str, Any]) -> None:
         """One record (with "kind" and "step") to every sink."""
@@ -53,7 +54,13 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill: every full line before it still counts
+            continue
+    return records
 
 
 def format_duration(seconds: float) -> str:

@@ -31,7 +31,7 @@ def scalars(record: dict[str, Any], prefix: str) -> Iterator[tuple[str, float]]:
 class TensorBoardSink:
     """Writes metrics records as TensorBoard scalars into `run_dir`; a no-op when disabled or unavailable."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, purge_step: int | None = None):
         self._writer: Any = None
         if not enabled:
             return
@@ -43,7 +43,7 @@ class TensorBoardSink:
                 print(f"note: TensorBoard logging off ({e}); metrics.jsonl is still written", file=sys.stderr)
                 _warned = True
             return
-        self._writer = SummaryWriter(log_dir=str(run_dir), flush_secs=30)
+        self._writer = SummaryWriter(log_dir=str(run_dir), flush_secs=30, purge_step=purge_step)
 
     @property
     def active(self) -> bool:

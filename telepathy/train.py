@@ -185,13 +185,13 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, local_rank: int |
     sampler = StepSampler(lengths, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
                           world_size=world, rank=rank, seed=t.seed, length_grouped=t.length_grouped)
     wrapped = wrap(model, cfg.backend, cfg, device)
-    metrics = MetricsWriter(run_dir, enabled=rank == 0)
+    step = _resume(run_dir, wrapped, sampler, rank, world)
+    metrics = MetricsWriter(run_dir, enabled=rank == 0, resumed_at=step)
     loaded = memory_report(device)
     log.info("memory after loading: %s (planner predicted peak %s GiB)", _fmt(loaded), cfg.predicted_peak_gib)
     metrics.write({"kind": "memory", "step": 0, "phase": "loaded", **loaded,
                    "predicted_peak_gib": cfg.predicted_peak_gib})
 
-    step = _resume(run_dir, wrapped, sampler, rank, world)
     if rank == 0:
         (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
     try:

@@ -92,3 +92,10 @@ def test_train_module_imports_without_torch():
     code = "import sys, telepathy.train; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_read_metrics_skips_a_line_cut_by_a_kill(tmp_path):
+    from telepathy.metrics import METRICS_FILE, read_metrics
+
+    (tmp_path / METRICS_FILE).write_text('{"kind": "train", "step": 1}\n{"kind": "train", "st')
+    assert read_metrics(tmp_path) == [{"kind": "train", "step": 1}]
