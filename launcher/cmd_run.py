@@ -83,6 +83,9 @@ def register(sub) -> None:
     bat.add_argument("--global-batch", type=positive_int, help="samples per optimizer step over all GPUs (default: the table's)")
     bat.add_argument("--micro-batch", type=positive_int, help="per-GPU micro-batch (default: table row or memory model)")
     bat.add_argument("--activation-checkpointing", action="store_true", help="checkpoint receiver layers")
+    bat.add_argument("--sender-cache", action=argparse.BooleanOptionalAction, default=None,
+                     help="read the sender's tapped-layer states from the shared cache ($TELEPATHY_CACHE); "
+                          "pays off for sweeps and multi-epoch runs")
     cfg = p.add_argument_group("training (RunConfig fields)")
     for flag, (_, _, typ) in RUN_FLAGS.items():
         cfg.add_argument(f"--{flag}", type=typ, default=None)
@@ -109,6 +112,8 @@ def run_config_from_args(args, pair, run_dir: str, name: str) -> RunConfig:
             sections[section][field] = value
     if args.activation_checkpointing:
         sections["train"]["activation_checkpointing"] = True
+    if args.sender_cache is not None:
+        sections["train"]["sender_cache"] = args.sender_cache
     if args.backend not in BACKENDS:
         raise UserError(f"unknown backend '{args.backend}'; use one of {', '.join(BACKENDS)}")
     if args.mode == "debug":  # a few steps to see everything run end to end
