@@ -231,15 +231,18 @@ class NodeEntry:
             _log(task, f"checkpoint at step {step} written; NOT requeued: already requeued {task.restarts} time(s) "
                        f"(max_requeues={max_requeues}). Continue with `launch resubmit`.")
             return
+        # Said first: a successful requeue ends this job step, often before scontrol itself returns.
+        _log(task, f"checkpoint at step {step} written; requeueing ({task.restarts + 1}/{max_requeues})")
         try:
             subprocess.run(["scontrol", "requeue", task.requeue_id], check=True, timeout=60, capture_output=True,
                            text=True)
         except subprocess.CalledProcessError as e:
-            _log(task, f"checkpoint at step {step} written; `scontrol requeue {task.requeue_id}` failed "
-                       f"({e.stderr.strip()}). Continue with `launch resubmit`.")
-            return
-        except (OSError, subprocess.TimeoutExpired) as e:
-            _log(task, f"checkpoint at step {step} written; scontrol unusable here ({e}). "
+            if e.returncode < 0:  # killed by the requeue it asked for
+                return
+            _log(task, f"`scontrol requeue {task.requeue_id}` failed ({e.stderr.strip()}). "
                        "Continue with `launch resubmit`.")
             return
-        _log(task, f"checkpoint at step {step} written; requeued ({task.restarts + 1}/{max_requeues})")
+        except (OSError, subprocess.TimeoutExpired) as e:
+            _log(task, f"scontrol unusable here ({e}). "
+                       "Continue with `launch resubmit`.")
+            return

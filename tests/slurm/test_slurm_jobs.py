@@ -165,7 +165,7 @@ def _preemption_scenario(result) -> dict:
     seen: dict = {"root": root}
     wait_for(lambda: last_step(root) >= 2, "training to start", timeout=300)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    wait_for(lambda: "requeued (1/1)" in logs(root), "the requeue", timeout=120)
+    wait_for(lambda: "requeueing (1/1)" in logs(root), "the requeue", timeout=120)
     first_stop = json.loads((root / "preempted.json").read_text())["step"]
     wait_for(lambda: "attempt 2 on" in logs(root), "the second attempt", timeout=120)
     wait_for(lambda: "resumed from" in logs(root) and last_step(root) >= first_stop + 2, "resumed training",
