@@ -458,7 +458,7 @@ def markdown(res: dict) -> str:
                 f"failed ({cp['error']}); eager is used" if "error" in cp else
                 f"compile {cp['compile_s']:.0f} s, eager {_fmt(cp['eager_samples_per_s'])} vs compiled "
                 f"{_fmt(cp['compiled_samples_per_s'])} samples/s ({_fmt(cp['speedup'])}x): "
-                f"{'helps' if cp['helps'] else 'no measurable gain; TrainConfig.compile stays off by default'}."))
+                f"{'helps' if cp['helps'] else 'no measurable gain, so the trainer does not compile'}."))
     if s:
         for sw in s["runs"]:
             w, c = sw["without"], sw["with"]

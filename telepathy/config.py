@@ -47,7 +47,6 @@ class TrainConfig:
     log_every: int = 10
     length_grouped: bool = True  # batches of similar sender length (deterministic, resume-safe)
     activation_checkpointing: bool = False  # receiver layers, for long receiver sequences
-    compile: bool = False  # torch.compile the bridge where it runs
     sender_cache: bool = False  # read tapped-layer states from the shared sender cache
     zero_stage: int = 2  # DeepSpeed only: 2 or 3
     bridge_dtype: str = "bfloat16"  # bridge params, grads and AdamW states: bfloat16 (as the original) or float32
