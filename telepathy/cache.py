@@ -293,8 +293,12 @@ def sender_states(sender: torch.nn.Module, sender_ids: Sequence[Sequence[int]], 
     """(index, (len, d) states) for every example, in index order. `sender` is the truncated body
     (last_hidden_state = the tapped layer). Batches of similar length (little padding) within windows
     of 1024 examples, so memory stays bounded and output order stays the index order."""
+    from telepathy.metrics import Progress
+
     device = torch.device(device)
     window = 1024
+    progress = Progress(len(sender_ids), every=max(1, len(sender_ids) // 10), label="sender cache", unit="example")
+    done = 0
     for w0 in range(0, len(sender_ids), window):
         idx = sorted(range(w0, min(w0 + window, len(sender_ids))), key=lambda i: len(sender_ids[i]))
         out: dict[int, torch.Tensor] = {}
@@ -313,8 +317,11 @@ def sender_states(sender: torch.nn.Module, sender_ids: Sequence[Sequence[int]], 
             h = h.to("cpu", DTYPE)
             for r, i in enumerate(batch):
                 out[i] = h[r, :len(sender_ids[i])].clone()
+            done += len(batch)
+            progress.update(done)
         for i in range(w0, min(w0 + window, len(sender_ids))):
             yield i, out.pop(i)
+    progress.close()
 
 
 def sender_cache_for(cfg, pair, collator, examples, split: str, device: torch.device | str,
@@ -324,7 +331,7 @@ def sender_cache_for(cfg, pair, collator, examples, split: str, device: torch.de
     from telepathy.loading import load_model, select_attention
     from telepathy.step import source_layer
 
-    ids = [collator.sender_ids(e.text) for e in examples]
+    ids = collator.sender_batch([e.text for e in examples])
     tap = source_layer(cfg.bridge, pair.sender)
     key = CacheKey(model=model_identity(pair.sender), layer=tap, dataset=f"{Path(cfg.data.task).name}:{split}",
                    ids_sha256=ids_digest(ids), n_examples=len(ids),

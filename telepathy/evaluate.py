@@ -26,6 +26,7 @@ from torch import nn
 from telepathy.config import DataConfig, EvalConfig
 from telepathy.data import Collator, Example, Task
 from telepathy.loading import generation_config, load_model, select_attention
+from telepathy.metrics import Progress
 from telepathy.registry import Pair
 from telepathy.step import TelepathyModel
 
@@ -107,6 +108,8 @@ class _Evaluator:
                 per_class[labels[example.label]]["correct"] += int(predicted == example.label)
                 unmatched += predicted is None
                 texts.append(text)
+            self._done += len(chunk)
+            self.progress.update(self._done, generate.__name__)
         correct = sum(c["correct"] for c in per_class.values())
         return {"accuracy": correct / len(examples), "per_class": per_class, "unmatched": unmatched,
                 "samples": texts[:5]}
@@ -158,18 +161,21 @@ def evaluate(model: TelepathyModel, task: Task, tokenizers, eval_cfg: EvalConfig
     result: dict = {"task": task.spec.name, "n": len(task.eval), "labels": list(task.spec.labels),
                     "max_new_tokens": eval_cfg.max_new_tokens, "methods": {}, "latency_ms": {},
                     "skipped": skipped}
+    scored = [m for m in methods if m not in skipped]
+    total = len(scored) * len(task.eval)
+    ev.progress, ev._done = Progress(total, every=max(1, total // 10), label="eval", unit="sample"), 0
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for method in methods:
-                if method not in skipped:
-                    result["methods"][method] = ev.score(getattr(ev, method))
+            for method in scored:
+                result["methods"][method] = ev.score(getattr(ev, method))
             if eval_cfg.latency_samples > 0:
                 for method in ("bridge", "text_relay"):
                     if method in result["methods"]:
                         result["latency_ms"][method] = ev.latency(getattr(ev, method))
     finally:
+        ev.progress.close()
         model.train(was_training)
     result["accuracy"] = {m: r["accuracy"] for m, r in result["methods"].items()}
     return result

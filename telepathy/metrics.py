@@ -71,12 +71,16 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Shows step/total, rate and ETA; `every` is the step interval of plain lines (non-terminal)."""
+    """Shows done/total, rate and ETA for any long local work (training steps, evaluated samples, cached
+    examples). On a terminal a live bar; otherwise a plain line each time another `every` units are done."""
 
-    def __init__(self, total: int, start: int = 0, every: int = 10, enabled: bool = True, stream: TextIO | None = None):
-        self.total, self.start, self.every, self.enabled = total, start, every, enabled
+    def __init__(self, total: int, start: int = 0, every: int = 10, enabled: bool = True,
+                 stream: TextIO | None = None, label: str = "step", unit: str = "step"):
+        self.total, self.start, self.every, self.enabled = total, start, max(1, every), enabled
+        self.label, self.unit = label, unit
         self.stream = stream or sys.stderr
         self._t0 = time.monotonic()
+        self._printed = start
         self._bar: Any = None
         if enabled and self.stream.isatty():
             from rich.console import Console
@@ -84,22 +88,26 @@ class Progress:
             from rich.progress import TimeElapsedColumn, TimeRemainingColumn
 
             self._bar = RichProgress(
-                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(file=self.stream),
+                TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=Console(file=self.stream),
             )
-            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._task = self._bar.add_task(label, total=total, completed=start, info="", rate="")
             self._bar.start()
 
-    def update(self, step: int, info: str = "") -> None:
+    def _rate(self, done: int) -> float:
+        return (done - self.start) / max(time.monotonic() - self._t0, 1e-9)
+
+    def update(self, done: int, info: str = "") -> None:
         if not self.enabled:
             return
+        rate = self._rate(done)
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, info=info)
-        elif step % self.every == 0 or step == self.total:
-            done = step - self.start
-            rate = done / max(time.monotonic() - self._t0, 1e-9)
-            eta = (self.total - step) / rate if rate > 0 else math.inf
-            print(f"step {step}/{self.total} {info} | {rate:.2f} steps/s, eta {format_duration(eta)}",
+            self._bar.update(self._task, completed=done, info=info, rate=f"{rate:.2f} {self.unit}s/s")
+        elif done // self.every > self._printed // self.every or done == self.total:
+            self._printed = done
+            eta = (self.total - done) / rate if rate > 0 else math.inf
+            print(f"{self.label} {done}/{self.total} {info} | {rate:.2f} {self.unit}s/s, eta {format_duration(eta)}",
                   file=self.stream, flush=True)
 
     def close(self) -> None:

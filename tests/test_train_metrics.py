@@ -99,3 +99,17 @@ def test_read_metrics_skips_a_line_cut_by_a_kill(tmp_path):
 
     (tmp_path / METRICS_FILE).write_text('{"kind": "train", "step": 1}\n{"kind": "train", "st')
     assert read_metrics(tmp_path) == [{"kind": "train", "step": 1}]
+
+
+def test_progress_plain_lines_for_any_work_with_label_unit_rate_and_eta():
+    import io
+
+    from telepathy.metrics import Progress
+
+    out = io.StringIO()  # not a terminal: plain lines, as in SLURM logs
+    p = Progress(100, every=25, stream=out, label="eval", unit="sample")
+    for done in (16, 32, 48, 64, 80, 96, 100):  # chunks that never land on a multiple of 25
+        p.update(done, "bridge")
+    lines = out.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["32/100", "64/100", "80/100", "100/100"]
+    assert all(line.startswith("eval ") and "samples/s" in line and "eta" in line for line in lines)
