@@ -92,10 +92,11 @@ def _init_distributed() -> tuple[int, int, int | None]:
     import torch
     import torch.distributed as dist
 
+    from telepathy.loading import local_rank_from_env
+
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
-    local = os.environ.get("LOCAL_RANK")
-    local_rank = int(local) if local is not None else None
+    local_rank = local_rank_from_env()
     if world > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank or 0)
