@@ -282,22 +282,24 @@ def _train(cfg, wrapped, sampler, collator, cache, task, device, metrics, stop: 
         t0 = time.perf_counter()
         lr = wrapped.lr  # the rate this step uses (DeepSpeed advances the schedule inside its last micro-step)
         micro = sampler.next_step()
-        # [preempt flag, loss, lm_loss, diversity, samples, sender tokens] summed over micro-steps and ranks
-        sums = torch.zeros(6, dtype=torch.float64)
+        # [preempt flag, loss, lm_loss, diversity, samples, sender tokens] summed over micro-steps and ranks,
+        # kept on the device: one host sync per optimizer step, not one per micro-step
+        sums = torch.zeros(6, dtype=torch.float64, device=device)
         for i, indices in enumerate(micro):
             batch = collator([task.train[j] for j in indices])
             if cache is not None:
                 batch = cache.attach(batch, indices)
-            out = wrapped.micro_step(batch.to(device), last=i == len(micro) - 1)
-            sums[1:] += torch.tensor([out.loss.item(), out.lm_loss.item(), out.diversity.item(), len(batch),
-                                      batch.sender_mask.sum().item()], dtype=torch.float64)
+            batch = batch.to(device)
+            out = wrapped.micro_step(batch, last=i == len(micro) - 1)
+            sums[1:4] += torch.stack([out.loss.detach(), out.lm_loss, out.diversity]).to(torch.float64)
+            sums[4] += len(batch)
+            sums[5] += batch.sender_mask.sum()
         grad_norm = wrapped.optimizer_step()
         step += 1
         sums[0] = 1.0 if stop.signal is not None else 0.0
         if world > 1:
-            reduced = sums.to(device)
-            dist.all_reduce(reduced)
-            sums = reduced.cpu()
+            dist.all_reduce(sums)
+        sums = sums.cpu()
         elapsed = time.perf_counter() - t0
         n_micro = len(micro) * world
         loss, lm_loss, diversity = (sums[1:4] / n_micro).tolist()
