@@ -134,7 +134,14 @@ def load_model(spec: ModelSpec, *, device: torch.device | str, attn_implementati
         with torch.device("meta"):
             model = cls._from_config(config, dtype=torch.bfloat16)
     elif spec.weights == "random":
-        model = cls._from_config(config, dtype=torch.bfloat16)
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # transformers 4.x
+            from transformers.modeling_utils import no_init_weights
+
+        with no_init_weights():  # seeded_init_ sets every parameter; HF's own init would be thrown away (2/3 of the time)
+            model = cls._from_config(config, dtype=torch.bfloat16)
+        model.tie_weights()  # skipped with the init above: tied LM heads would stay separate matrices
         seeded_init_(model, seed, spec.arch_key)
         model.to(device)
     else:

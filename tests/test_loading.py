@@ -95,6 +95,14 @@ def test_seeded_random_weights_are_reproducible_and_distinct():
 
 
 @pytest.mark.parametrize("alias", ["tiny-llama", "tiny-qwen", "tiny-mistral"])
+def test_random_weights_tie_the_lm_head_as_the_model_does(alias):
+    spec = REG.get(alias)
+    m = load_model(spec, device="cpu", attn_implementation="sdpa")
+    assert (m.lm_head.weight is m.model.embed_tokens.weight) == spec.tied_embeddings
+    assert sum(p.numel() for p in m.parameters()) == spec.param_counts()["total"]
+
+
+@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-qwen", "tiny-mistral"])
 def test_tokenizer_pad_and_padding_side(alias):
     tok = load_tokenizer(REG.get(alias))
     assert tok.pad_token is not None and tok.pad_token_id == tok.eos_token_id
