@@ -8,12 +8,12 @@ from telepathy.errors import UserError
 
 def bridge_param_count(cfg, src_dim: int, tgt_dim: int) -> int:
     """Parameters of `Bridge(cfg, src_dim, tgt_dim)` (cfg: a BridgeConfig). Per block at width d = tgt_dim:
-    cross- and self-attention 4d^2 + 4d each (packed q/k/v + out projection, with biases), MLP
+    cross- and self-attention 4d^2 + 3d each (q, k, v and out projections; no key bias), MLP
     2rd^2 + (r+1)d for mlp_ratio r, three LayerNorms 6d. Plus K*d latents, the input LayerNorm
     (2*src_dim), the input projection (src_dim*d + d, only when the widths differ) and the scalar
     output scale."""
     d, r = tgt_dim, cfg.mlp_ratio
-    block = 2 * (4 * d * d + 4 * d) + (2 * r * d * d + (r + 1) * d) + 6 * d
+    block = 2 * (4 * d * d + 3 * d) + (2 * r * d * d + (r + 1) * d) + 6 * d
     input_proj = src_dim * d + d if src_dim != d else 0
     return cfg.depth * block + cfg.soft_tokens * d + 2 * src_dim + input_proj + 1
 

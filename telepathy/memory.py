@@ -7,7 +7,7 @@ holds; a fake-tensor trace of that same step (telepathy/trace.py) checks the sum
 
 Peak = max over the moments of a step that can hold it (MOMENTS): the sender's no-grad forward, the
 bridge's forward, the receiver's forward and the start of its backward (everything saved for backward is
-alive), the bridge's backward, the optimizer step (bridge gradients + AdamW's foreach temporaries); under
+alive), the bridge's backward, the optimizer step (bridge gradients; the fused AdamW adds no temporaries); under
 FSDP also the all-gathers between them. Each moment is fixed + per-sample x micro-batch, so the largest
 micro-batch that fits is closed form. Weights, optimizer state and the batch live through all of them.
 
@@ -247,20 +247,26 @@ def _bridge_input_saved(st: _Step) -> float:
 
 def _bridge_seq_saved(st: _Step) -> float:
     """Per sample, what the bridge (telepathy/bridge.py) saves over the sender tokens: the input
-    LayerNorm's input, the input projection's input (when the widths differ), and per block the
-    cross-attention's contiguous copy of the keys (nn.MultiheadAttention runs sequence-first, so the
-    batch-first keys are copied for the k/v projection, which saves the copy), its packed k/v output and
-    the per-head padding mask."""
+    LayerNorm's input, the input projection's input (when the widths differ), the keys (one tensor that
+    every block's k and v projections save) and per block the k and v projections' outputs (saved by
+    attention); plus the keep mask and its per-block converted copies (a few bytes)."""
     b = st.bridge
-    return st.seq * (_bridge_input_saved(st) + b.depth * (st.bridge_bytes * (3 * st.pair.receiver.hidden + b.heads)))
+    return st.seq * (_bridge_input_saved(st) + st.bridge_bytes * st.pair.receiver.hidden * (1 + 2 * b.depth) + 8)
+
+
+def _latent_block(st: _Step) -> float:
+    """Per sample, what one bridge block saves over the K latents: the MLP's hidden and GELU output (r
+    widths each) and 14 more widths: three LayerNorm inputs, the cross-attention's q-projection input, q,
+    output and out-projection input, the self-attention's shared projection input, q, k, v, output and
+    out-projection input, and the MLP's input."""
+    b = st.bridge
+    return b.soft_tokens * st.bridge_bytes * st.pair.receiver.hidden * (14 + 2 * b.mlp_ratio)
 
 
 def _bridge_latent_saved(st: _Step) -> float:
-    """Per sample over the K latents, per block: packed q/k/v, the MLP's hidden and GELU output (r widths
-    each) and 12 more widths (LayerNorm inputs and outputs, attention inputs and outputs, residuals), one
-    fewer overall; then the output RMS-norm's two fp32 tensors."""
-    b, d, e = st.bridge, st.pair.receiver.hidden, st.bridge_bytes
-    return b.soft_tokens * (e * d * (b.depth * (12 + 2 * b.mlp_ratio) - 1) + 2 * FP32 * d)
+    """Per sample over the K latents: every block's tensors (_latent_block), then the output RMS-norm's two
+    fp32 tensors."""
+    return st.bridge.depth * _latent_block(st) + st.bridge.soft_tokens * 2 * FP32 * st.pair.receiver.hidden
 
 
 def _receiver_saved(st: _Step) -> float:
@@ -274,15 +280,16 @@ def _receiver_saved(st: _Step) -> float:
 
 
 def _bridge_backward(st: _Step) -> dict[str, dict[str, float]]:
-    """Per sample while block k's cross-attention k/v projection runs backward: the input layers' inputs,
-    blocks 0..k-1's keys copies, packed k/v and masks and block k's keys copy are saved; temporaries are
-    the gradients of packed k/v (from each of k and v, then their sum: 2 widths each) and of the keys
-    copy (1 width). Block k = depth-1 holds the most saved tensors, block 0 the most gradients (_fixed)."""
+    """Per sample while block k's cross-attention runs backward: the input layers' inputs, the keys,
+    blocks 0..k's k/v outputs and blocks 0..k-1's latent tensors are saved; temporaries are the gradients
+    of block k's k and v outputs, plus (below the last block) the keys' gradient summed from the blocks
+    after it. Block k = depth-1 holds the most saved tensors, block 0 the most gradients (_fixed)."""
     b, d, e = st.bridge, st.pair.receiver.hidden, st.bridge_bytes
 
     def at(k: int) -> dict[str, float]:
-        saved = _bridge_input_saved(st) + k * (e * 3 * d + e * b.heads) + e * d + e * b.heads
-        return {"activations": st.inputs + st.seq * saved, "temporaries": st.seq * e * 7 * d}
+        saved = st.seq * (_bridge_input_saved(st) + e * d * (1 + 2 * (k + 1))) + k * _latent_block(st)
+        grads = 2 + (k < b.depth - 1)
+        return {"activations": st.inputs + saved, "temporaries": st.seq * e * grads * d}
 
     return {"bridge_backward_last": at(b.depth - 1), "bridge_backward": at(0)}
 
@@ -305,7 +312,7 @@ def _per_sample(st: _Step) -> dict[str, dict[str, float]]:
     return {
         **sender,
         "bridge_unshard": {"activations": st.inputs + states},
-        # The last block's cross-attention: its k/v projection output exists beside its contiguous copy.
+        # The last block's cross-attention forward: two widths of transients beside what it saves.
         "bridge_forward": {"activations": st.inputs + states + bridge, "temporaries": st.seq * e * 2 * d},
         "receiver_unshard": {"activations": st.inputs + bridge},
         "receiver_unshard_first": {"activations": st.inputs + bridge},
@@ -389,9 +396,9 @@ def _fixed(st: _Step) -> dict[str, dict[str, float]]:
     p = bridge_params(st.pair, st.bridge)
     w, e = st.world, st.bridge_bytes
     # The bridge trains in train.bridge_dtype: parameters, gradients and both AdamW moments in that dtype;
-    # AdamW(foreach=True), the CUDA default, builds one temporary list as large as the parameters.
+    # the fused AdamW (backends.make_optimizer) updates in place, with no temporaries.
     resident = {"frozen_weights": BF16 * frozen, "bridge_params": e * p, "optimizer": 2 * e * p}
-    grads = backward_grads = foreach_tmp = e * p
+    grads = backward_grads = e * p
     comm = dict.fromkeys(_fsdp_comm(st), 0.0)
     if st.backend == "ddp" and w > 1:
         # DDP's reducer keeps its own gradient buckets, as large as the bridge's gradients, for the run.
@@ -399,7 +406,7 @@ def _fixed(st: _Step) -> dict[str, dict[str, float]]:
     elif st.backend == "fsdp" and w > 1:
         # Everything sharded over the world; the bridge's gradients are whole until its reduce-scatter.
         resident = {k: v / w for k, v in resident.items()}
-        grads, foreach_tmp = grads / w, foreach_tmp / w
+        grads = grads / w
         comm = _fsdp_comm(st)
     elif st.backend == "deepspeed":
         # Only the bridge is the DeepSpeed engine: the frozen models stay replicated. ZeRO keeps an fp32
@@ -409,7 +416,6 @@ def _fixed(st: _Step) -> dict[str, dict[str, float]]:
         zero = _zero_config(st.zero_stage)
         resident["optimizer"] = 3 * FP32 * p / w
         grads = backward_grads = FP32 * p / w + e * min(p, zero.get("reduce_bucket_size", p))
-        foreach_tmp = FP32 * p / w
         if st.zero_stage == 3:
             resident["bridge_params"] = e * p / w + e * min(p, zero.get("stage3_prefetch_bucket_size", p))
     out = {moment: {**resident, "comm_buffers": c} for moment, c in comm.items()}
@@ -418,7 +424,7 @@ def _fixed(st: _Step) -> dict[str, dict[str, float]]:
     block = p - bridge_params(st.pair, dataclasses.replace(st.bridge, depth=st.bridge.depth - 1))
     inputs = bridge_params(st.pair, dataclasses.replace(st.bridge, depth=0, soft_tokens=0)) - 1  # norm + projection
     out["bridge_backward_last"]["gradients"] = backward_grads * (p - (st.bridge.depth - 1) * block - inputs) / p
-    out["optimizer"].update(gradients=grads, temporaries=foreach_tmp)
+    out["optimizer"]["gradients"] = grads
     return out
 
 

@@ -213,7 +213,7 @@ def _breakdown(model, optimizer, snapshot: dict) -> dict[str, float]:
     """The tracker's categories (MemTracker's or FSDPMemTracker's) as the estimate's components.
     Parameter bytes are split into frozen and bridge by what trains (local shards under FSDP). While
     optimizer.step runs the tracker files every new tensor as optimizer state; beyond the state proper
-    (AdamW's moments, counted from the optimizer) that is foreach temporaries."""
+    (AdamW's moments, counted from the optimizer) that is temporaries (none for the fused AdamW)."""
     by = {getattr(k, "value", k): v for k, v in snapshot.items()}
     trainable = _local_bytes(model.trainable_parameters())
     opt_state = _local_bytes(t for st in optimizer.state.values() for t in st.values()
@@ -262,8 +262,6 @@ def trace(pair: Pair, *, backend: str = "ddp", world_size: int = 1, micro_batch:
         else:
             _materialise(model, cpu)
             wrapped = wrap(model, backend, cfg, cpu)
-        for group in wrapped.optimizer.param_groups:
-            group["foreach"] = True  # the CUDA default; on CPU tensors torch would pick the for-loop
         batch = fake_batch(micro_batch, seq_len, answer_len, primer_len, pair.sender.hidden if sender_cache else None)
         say("step 1 of 2 (creates AdamW state)")
         _step(wrapped, batch, _PhasePeaks(), lambda _phase: None)

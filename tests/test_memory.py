@@ -81,8 +81,10 @@ def test_knobs_move_the_estimate_the_right_way():
         2 * est(micro_batch=32).components["optimizer"])
 
 
-def test_peak_phase_moves_from_optimizer_to_activations():
-    assert est(micro_batch=1).phase == "optimizer"
+def test_peak_phase_moves_from_gradients_to_activations():
+    # At micro-batch 1 the peak is where the bridge's gradients are whole (its backward's end or the
+    # optimizer step); at 64 it is where the frozen models' activations are.
+    assert est(micro_batch=1).phase in ("bridge_backward", "optimizer")
     assert est(micro_batch=64).phase in ("sender", "receiver")
 
 
