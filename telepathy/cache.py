@@ -310,7 +310,7 @@ def sender_states(sender: torch.nn.Module, sender_ids: Sequence[Sequence[int]], 
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for r, i in enumerate(batch):
-                ids[r, :len(sender_ids[i])] = torch.tensor(sender_ids[i])
+                ids[r, :len(sender_ids[i])] = torch.as_tensor(sender_ids[i])
                 mask[r, :len(sender_ids[i])] = 1
             with torch.no_grad():
                 h = sender(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
@@ -324,24 +324,24 @@ def sender_states(sender: torch.nn.Module, sender_ids: Sequence[Sequence[int]], 
     progress.close()
 
 
-def sender_cache_for(cfg, pair, collator, examples, split: str, device: torch.device | str,
-                     root: Path | None = None) -> SenderCache:
-    """The trainer's entry point: the cache for `examples` (one split of cfg's task) under cfg's sender,
-    tap and tokenisation, built here (truncated sender loaded only then) if no valid entry exists."""
+def sender_cache_for(cfg, pair, sender_tok, sender_ids: Sequence[Sequence[int]], split: str,
+                     device: torch.device | str, root: Path | None = None) -> SenderCache:
+    """The trainer's entry point: the cache for one split of cfg's task, given its sender ids (the
+    Collator's rows, so the key covers tokeniser, prompt and truncation), under cfg's sender and tap;
+    built here (truncated sender loaded only then) if no valid entry exists."""
     from telepathy.loading import load_model, select_attention
     from telepathy.step import source_layer
 
-    ids = collator.sender_batch([e.text for e in examples])
     tap = source_layer(cfg.bridge, pair.sender)
     key = CacheKey(model=model_identity(pair.sender), layer=tap, dataset=f"{Path(cfg.data.task).name}:{split}",
-                   ids_sha256=ids_digest(ids), n_examples=len(ids),
-                   tokenizer=type(collator.sender_tok).__name__ + ":" + str(pair.sender.tokenizer or pair.sender.source),
+                   ids_sha256=ids_digest(sender_ids), n_examples=len(sender_ids),
+                   tokenizer=type(sender_tok).__name__ + ":" + str(pair.sender.tokenizer or pair.sender.source),
                    max_length=cfg.data.max_length)
 
     def compute() -> Iterator[tuple[int, torch.Tensor]]:
         body = load_model(pair.sender, device=device, attn_implementation=select_attention(torch.device(device))[0],
                           num_layers=tap)
-        yield from sender_states(body, ids, collator.sender_tok.pad_token_id, device)
+        yield from sender_states(body, sender_ids, sender_tok.pad_token_id, device)
 
     cache, built = ensure(key, compute, root)
     log.info("sender cache: %s %s (%d examples)", "built" if built else "reading", cache.path, len(cache))

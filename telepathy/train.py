@@ -177,13 +177,13 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, local_rank: int |
     task = load_task(cfg.data)
     model, sender_tok, receiver_tok = build_telepathy_model(cfg, pair, device)
     collator = Collator(task.spec, sender_tok, receiver_tok, cfg.data.max_length, cfg.data.answer_length)
+    sender_rows = collator.tokenize(task.train)  # once: the sampler's lengths, the cache key, every batch
     cache = None
     if t.sender_cache:  # tapped-layer states read from disk instead of a sender forward (telepathy.cache)
         from telepathy.cache import sender_cache_for
 
-        cache = sender_cache_for(cfg, pair, collator, task.train, "train", device)
-    lengths = cache.lengths() if cache is not None else collator.sender_lengths(task.train)
-    sampler = StepSampler(lengths, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
+        cache = sender_cache_for(cfg, pair, sender_tok, sender_rows, "train", device)
+    sampler = StepSampler(sender_rows.lengths(), micro_batch=t.micro_batch, grad_accum=t.grad_accum,
                           world_size=world, rank=rank, seed=t.seed, length_grouped=t.length_grouped)
     wrapped = wrap(model, cfg.backend, cfg, device)
     step = _resume(run_dir, wrapped, sampler, rank, world)
@@ -197,7 +197,8 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, local_rank: int |
         (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
     try:
         if step < t.steps:  # else resumed from the final checkpoint: only the evaluation is missing
-            step = _train(cfg, wrapped, sampler, collator, cache, task, device, metrics, stop, step, rank, world)
+            step = _train(cfg, wrapped, sampler, collator, sender_rows, cache, task, device, metrics, stop, step,
+                          rank, world)
     finally:
         metrics.close()
 
@@ -259,8 +260,8 @@ def _resume(run_dir: Path, wrapped, sampler, rank: int, world: int) -> int:
     return found.step
 
 
-def _train(cfg, wrapped, sampler, collator, cache, task, device, metrics, stop: _StopFlag, step: int, rank: int,
-           world: int) -> int:
+def _train(cfg, wrapped, sampler, collator, sender_rows, cache, task, device, metrics, stop: _StopFlag, step: int,
+           rank: int, world: int) -> int:
     import torch
     import torch.distributed as dist
 
@@ -286,7 +287,7 @@ def _train(cfg, wrapped, sampler, collator, cache, task, device, metrics, stop: 
         # kept on the device: one host sync per optimizer step, not one per micro-step
         sums = torch.zeros(6, dtype=torch.float64, device=device)
         for i, indices in enumerate(micro):
-            batch = collator([task.train[j] for j in indices])
+            batch = collator.batch([sender_rows[j] for j in indices], [task.train[j].label for j in indices])
             if cache is not None:
                 batch = cache.attach(batch, indices)
             batch = batch.to(device)

@@ -71,10 +71,11 @@ def test_cached_training_matches_live_sender(tmp_path):
     assert cached.sender is None
     task = load_task(cfg.data)
     collator = Collator(task.spec, s_tok, r_tok, cfg.data.max_length, cfg.data.answer_length)
-    cache = C.sender_cache_for(cfg, pair, collator, task.train, "train", "cpu", root=tmp_path)
-    assert len(cache) == len(task.train) and cache.lengths() == collator.sender_lengths(task.train)
+    rows = collator.tokenize(task.train)
+    cache = C.sender_cache_for(cfg, pair, s_tok, rows, "train", "cpu", root=tmp_path)
+    assert len(cache) == len(task.train) and cache.lengths() == rows.lengths()
 
-    sampler = StepSampler(collator.sender_lengths(task.train), micro_batch=8, grad_accum=1, world_size=1, rank=0, seed=0)
+    sampler = StepSampler(rows.lengths(), micro_batch=8, grad_accum=1, world_size=1, rank=0, seed=0)
     index_batches = [sampler.next_step()[0] for _ in range(4)]
     live_batches = [collator([task.train[i] for i in idx]) for idx in index_batches]
     cached_batches = [cache.attach(collator([task.train[i] for i in idx]), idx) for idx in index_batches]

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from telepathy.config import DataConfig
 from telepathy.data import Collator, Example, load_spec, load_task, task_names
@@ -156,7 +157,7 @@ def test_collator_pads_per_batch_and_builds_answers(toks):
     collate = Collator(spec, stok, rtok, max_length=64, answer_length=16)
     short, long = Example("a cat", 0), Example("the dog and the fox ran past the old house again", 0)
     batch = collate([short, Example("snow", 2)])
-    widths = collate.sender_lengths([short, Example("snow", 2)])
+    widths = [len(r) for r in collate.sender_batch(["a cat", "snow"])]
     assert batch.sender_ids.shape[1] == max(widths) < 64  # the batch's longest, not max_length
     assert batch.sender_mask.sum(1).tolist() == widths
     assert batch.sender_ids[0, 0] == stok.bos_token_id
@@ -172,6 +173,23 @@ def test_collator_pads_per_batch_and_builds_answers(toks):
     assert wider.sender_ids.shape[1] > batch.sender_ids.shape[1]
 
 
+def test_a_split_tokenised_once_gives_the_same_batches(toks):
+    stok, rtok = toks
+    spec = load_spec("demo")
+    collate = Collator(spec, stok, rtok, max_length=24, answer_length=16)
+    examples = [Example("a cat", 0), Example("word " * 200, 1), Example("snow", 2), Example("", 3)]
+    rows = collate.tokenize(examples, chunk=3)  # two tokenizer calls
+    assert len(rows) == 4 and rows.lengths() == [len(r) for r in collate.sender_batch([e.text for e in examples])]
+    assert rows.flat.dtype.itemsize == 4 and rows[-1].tolist() == rows[3].tolist()
+    with pytest.raises(IndexError):
+        rows[4]
+    pick = [2, 0, 1]
+    a = collate.batch([rows[i] for i in pick], [examples[i].label for i in pick])
+    b = collate([examples[i] for i in pick])
+    for name in ("sender_ids", "sender_mask", "primer_ids", "answer_ids", "answer_mask", "labels"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
 def test_truncation_cuts_the_text_and_keeps_the_question(toks):
     stok, rtok = toks
     spec = load_spec("demo")
@@ -179,7 +197,7 @@ def test_truncation_cuts_the_text_and_keeps_the_question(toks):
     ids = collate.sender_ids("word " * 200)
     assert len(ids) == 24
     assert stok.decode(ids).endswith("Topic (animal, food, weather, or sport):")
-    assert collate.sender_lengths([Example("word " * 200, 0)]) == [24]
+    assert collate.tokenize([Example("word " * 200, 0)]).lengths() == [24]
 
 
 def test_answer_length_too_short_is_a_user_error(toks):
