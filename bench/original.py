@@ -8,8 +8,11 @@ original-system.md §1.5 and §2.1; train_step in telepathy/train_telepathy.py o
   answer padding), so it computes logits over EVERY position and HF's loss;
 - loss = CE + 0.1 x batch diversity; bf16 bridge, AdamW, grad-norm clip 1.0.
 
-The bridge is the project's Bridge (the original's PerceiverResampler, same architecture), so the two steps
-differ only in what the fast path removes.
+- the bridge is the original's PerceiverResampler (OriginalPerceiver: nn.MultiheadAttention, no input
+  LayerNorm), trained with torch's default AdamW (foreach).
+
+The benchmark's loss check runs this step with the project's Bridge instead, so that the two losses compare
+the same function and differ only in what the fast path removes.
 """
 
 from __future__ import annotations
@@ -51,6 +54,36 @@ def original_batch(sender_rows: list[list[int]], answer_rows: list[list[int]], p
         ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
         ans[i, :len(a)], amask[i, :len(a)] = torch.tensor(a), 1
     return OriginalBatch(ids, mask, torch.tensor([primer] * b), ans, amask)
+
+
+class OriginalPerceiver(nn.Module):
+    """The original's PerceiverResampler (original-system.md §1.1): K latents in the receiver's width,
+    Linear input projection when widths differ, pre-LN blocks of nn.MultiheadAttention cross- and
+    self-attention and a GELU MLP, per-token RMS normalisation times a learnable scale."""
+
+    def __init__(self, src_dim: int, tgt_dim: int, soft_tokens: int, heads: int, depth: int, target_rms: float):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(soft_tokens, tgt_dim) * 0.02)
+        self.input_proj = nn.Linear(src_dim, tgt_dim) if src_dim != tgt_dim else nn.Identity()
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "ln1": nn.LayerNorm(tgt_dim), "cross": nn.MultiheadAttention(tgt_dim, heads, batch_first=True),
+            "ln2": nn.LayerNorm(tgt_dim), "self": nn.MultiheadAttention(tgt_dim, heads, batch_first=True),
+            "ln3": nn.LayerNorm(tgt_dim),
+            "ffn": nn.Sequential(nn.Linear(tgt_dim, 4 * tgt_dim), nn.GELU(), nn.Linear(4 * tgt_dim, tgt_dim)),
+        }) for _ in range(depth))
+        self.output_scale = nn.Parameter(torch.tensor(float(target_rms)))
+
+    def forward(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        keys = self.input_proj(src.to(self.latents.dtype))
+        x = self.latents.unsqueeze(0).expand(src.size(0), -1, -1)
+        for b in self.blocks:
+            q = b["ln1"](x)
+            x = x + b["cross"](q, keys, keys, key_padding_mask=src_mask == 0, need_weights=False)[0]
+            q = b["ln2"](x)
+            x = x + b["self"](q, q, q, need_weights=False)[0]
+            x = x + b["ffn"](b["ln3"](x))
+        rms = torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-8)
+        return (x.float() / rms * self.output_scale.float()).to(x.dtype)
 
 
 class OriginalStep(nn.Module):
