@@ -250,6 +250,7 @@ def _resume(run_dir: Path, wrapped, sampler, rank: int, world: int) -> int:
         found = ckpt.Checkpoint(ckpt.step_dir(run_dir, box[0]), box[0]) if box[0] is not None else None
     if found is None:
         return 0
+    _check_bridge_keys(found, wrapped.bridge)
     full = wrapped.load(found)
     sampler.load_state_dict(found.state["sampler"])
     rng = found.rng(rank)
@@ -258,6 +259,23 @@ def _resume(run_dir: Path, wrapped, sampler, rank: int, world: int) -> int:
     log.info("resumed from %s%s", found.path, "" if full else " (weights only: optimizer state restarts; it was "
              "written by another backend or world size)")
     return found.step
+
+
+def _check_bridge_keys(found, bridge) -> None:
+    """A checkpoint of another bridge layout (an older version, other --bridge-* settings) is a one-line
+    error, not a load_state_dict traceback."""
+    from safetensors import safe_open
+
+    from telepathy.checkpoint import BRIDGE
+
+    with safe_open(str(found.path / BRIDGE), framework="pt") as f:
+        saved = set(f.keys())
+    want = {k.removeprefix("module.") for k in bridge.state_dict()}
+    if saved != want:
+        diff = sorted(saved ^ want)
+        raise UserError(f"checkpoint {found.path} holds another bridge layout ({len(diff)} names differ, e.g. "
+                        f"{diff[0]}); it cannot resume this run: start a new run (another --name) or remove "
+                        f"{found.path.parent}")
 
 
 def _train(cfg, wrapped, sampler, collator, sender_rows, cache, task, device, metrics, stop: _StopFlag, step: int,

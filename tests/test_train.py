@@ -14,6 +14,7 @@ from distributed.tiny_run import final_bridge, finish, losses, output, start, ti
 from telepathy import checkpoint as ckpt
 from telepathy.backends import lr_factor
 from telepathy.config import TrainConfig
+from telepathy.errors import UserError
 from telepathy.train import EXIT_PREEMPTED, run
 
 
@@ -95,6 +96,14 @@ def test_damaged_newest_checkpoint_falls_back_and_retrains_the_same(finished, tm
     got = again.bridge()
     assert again.step == 4, again
     assert {k: (original[k] - got[k]).abs().max().item() for k in original} == {k: 0.0 for k in original}
+
+
+def test_checkpoint_of_another_bridge_layout_is_a_one_line_error(finished, tmp_path):
+    shutil.copytree(finished[0].run_dir, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "eval.json").unlink()
+    cfg = finished[0].replace(run_dir=str(tmp_path), bridge={"depth": 2})  # the run had 1 block
+    with pytest.raises(UserError, match=r"holds another bridge layout \(\d+ names differ, e.g. blocks\.1\."):
+        run(cfg)
 
 
 def test_sender_cache_trains_like_the_live_sender(finished, tmp_path, monkeypatch):
