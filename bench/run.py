@@ -491,7 +491,6 @@ def markdown(res: dict) -> str:
                                                    for t in c["tasks"]) + ".")
         per_step = [sum(t["train_s"] for t in sw["without"]["tasks"]) / sum(t["train_s"] for t in sw["with"]["tasks"])
                     for sw in s["runs"]]
-        f = s["flops"]
         live, cached = f["gflop_per_step_live_sender"], f["gflop_per_step_cached"]
         # The build is one no-grad sender pass over the data: per step of data, live minus cached FLOPs.
         bound = [4 * sw["without"]["epochs"] * live / ((live - cached) + 4 * sw["without"]["epochs"] * cached)

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from telepathy.config import atomic_write_text
@@ -194,6 +195,11 @@ class Checkpoint:
     def bridge(self) -> dict[str, torch.Tensor]:
         # safetensors maps the file into memory: copy, so the tensors never change with the file
         return {k: v.clone() for k, v in load_file(str(self.path / BRIDGE)).items()}
+
+    def bridge_names(self) -> set[str]:
+        """The bridge's parameter names, from the file's header (no tensor is read)."""
+        with safe_open(str(self.path / BRIDGE), framework="pt") as f:
+            return set(f.keys())
 
     def optimizer(self) -> dict[str, Any] | None:
         p = self.path / OPTIMIZER

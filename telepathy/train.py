@@ -264,12 +264,7 @@ def _resume(run_dir: Path, wrapped, sampler, rank: int, world: int) -> int:
 def _check_bridge_keys(found, bridge) -> None:
     """A checkpoint of another bridge layout (an older version, other --bridge-* settings) is a one-line
     error, not a load_state_dict traceback."""
-    from safetensors import safe_open
-
-    from telepathy.checkpoint import BRIDGE
-
-    with safe_open(str(found.path / BRIDGE), framework="pt") as f:
-        saved = set(f.keys())
+    saved = found.bridge_names()
     want = {k.removeprefix("module.") for k in bridge.state_dict()}
     if saved != want:
         diff = sorted(saved ^ want)
