@@ -23,6 +23,8 @@ demo: $(STAMP)
 		--max-length 64 --eval-samples 200 --name demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

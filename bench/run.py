@@ -28,8 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -38,15 +38,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.original import OriginalPerceiver, OriginalStep, original_batch  # noqa: E402
-from telepathy.backends import make_optimizer  # noqa: E402
 from telepathy import cache as sender_cache  # noqa: E402
+from telepathy.backends import make_optimizer  # noqa: E402
 from telepathy.bridge import Bridge  # noqa: E402
-from telepathy.config import BridgeConfig, DataConfig, RunConfig, TrainConfig, atomic_write_text  # noqa: E402
+from telepathy.bridge_shape import source_layer  # noqa: E402
+from telepathy.config import BridgeConfig, DataConfig, RunConfig, TrainConfig  # noqa: E402
 from telepathy.data import _pad  # noqa: E402  (the collator's own per-batch padding)
+from telepathy.files import atomic_write_text  # noqa: E402
 from telepathy.loading import load_model  # noqa: E402
 from telepathy.registry import load_registry  # noqa: E402
 from telepathy.sampler import StepSampler  # noqa: E402
-from telepathy.step import Batch, build_telepathy_model, source_layer  # noqa: E402
+from telepathy.step import Batch, build_telepathy_model  # noqa: E402
 
 SENDER, RECEIVER, SWEEP_RECEIVERS = "bench-llama", "bench-mistral", ("bench-mistral", "bench-qwen")
 PRIMER = [1, 29473, 29515]  # 3 receiver tokens ("Topic:"-like; ids only matter for their count)
@@ -72,6 +74,7 @@ def sync(device: torch.device) -> None:
 
 # ---------------------------------------------------------------- data
 
+
 def make_data(n: int, regime: dict, seed: int) -> tuple[list[list[int]], list[list[int]]]:
     """Sender ids and answers. Short: lengths ~ Gamma(2, 20) rounded, clipped to [4, 128] (mean ~40, like
     SST-2/AG News prompts); long: every input 1536 tokens. Answers: a 1-2 token label word + EOS."""
@@ -88,14 +91,20 @@ def make_data(n: int, regime: dict, seed: int) -> tuple[list[list[int]], list[li
 def our_batch(sender: list[list[int]], answers: list[list[int]], idx: list[int]) -> Batch:
     ids, mask = _pad([sender[i] for i in idx], SENDER_PAD)
     ans, amask = _pad([answers[i] for i in idx], EOS)
-    return Batch(sender_ids=ids, sender_mask=mask, primer_ids=torch.tensor([PRIMER] * len(idx)),
-                 answer_ids=ans, answer_mask=amask)
+    return Batch(
+        sender_ids=ids,
+        sender_mask=mask,
+        primer_ids=torch.tensor([PRIMER] * len(idx)),
+        answer_ids=ans,
+        answer_mask=amask,
+    )
 
 
 def our_batches(sender, answers, batch: int, steps: int, seed: int = 0) -> tuple[list[Batch], list[list[int]]]:
     """The project's length-grouped schedule (StepSampler) over exactly steps x batch examples."""
-    sampler = StepSampler([len(s) for s in sender], micro_batch=batch, grad_accum=1, world_size=1, rank=0,
-                          seed=seed, length_grouped=True)
+    sampler = StepSampler(
+        [len(s) for s in sender], micro_batch=batch, grad_accum=1, world_size=1, rank=0, seed=seed, length_grouped=True
+    )
     idx = [sampler.next_step()[0] for _ in range(steps)]
     return [our_batch(sender, answers, i) for i in idx], idx
 
@@ -103,13 +112,22 @@ def our_batches(sender, answers, batch: int, steps: int, seed: int = 0) -> tuple
 def original_batches(sender, answers, batch: int, steps: int, max_length: int, seed: int = 0):
     """The original's DataLoader(shuffle=True): random batches, each padded to max_length."""
     order = np.random.default_rng(seed).permutation(len(sender))
-    return [original_batch([sender[i] for i in order[s * batch:(s + 1) * batch]],
-                           [answers[i] for i in order[s * batch:(s + 1) * batch]], PRIMER,
-                           max_length=max_length, answer_length=16, sender_pad=SENDER_PAD, eos=EOS)
-            for s in range(steps)]
+    return [
+        original_batch(
+            [sender[i] for i in order[s * batch : (s + 1) * batch]],
+            [answers[i] for i in order[s * batch : (s + 1) * batch]],
+            PRIMER,
+            max_length=max_length,
+            answer_length=16,
+            sender_pad=SENDER_PAD,
+            eos=EOS,
+        )
+        for s in range(steps)
+    ]
 
 
 # ---------------------------------------------------------------- timing
+
 
 def fresh_bridge(cfg: RunConfig, pair, target_rms: float, device, seed: int = 0) -> Bridge:
     torch.manual_seed(seed)
@@ -178,13 +196,19 @@ def count_flops(loss_fn: Callable, batches: list) -> float:
 
 # ---------------------------------------------------------------- (a) + (c): step comparison
 
+
 def step_comparison(regime_name: str, device: torch.device, reps: int, compile_bridge: bool) -> dict:
     regime = REGIMES[regime_name]
     batch, steps = regime["batch"], regime["steps"]
     reg = load_registry()
     pair = reg.pair(sender=SENDER, receiver=RECEIVER)
-    cfg = RunConfig(sender=SENDER, receiver=RECEIVER, run_dir="/nonexistent",
-                    bridge=BridgeConfig(soft_tokens=32), data=DataConfig(max_length=regime["max_length"]))
+    cfg = RunConfig(
+        sender=SENDER,
+        receiver=RECEIVER,
+        run_dir="/nonexistent",
+        bridge=BridgeConfig(soft_tokens=32),
+        data=DataConfig(max_length=regime["max_length"]),
+    )
     tap = source_layer(cfg.bridge, pair.sender)
     model, _, _ = build_telepathy_model(cfg, pair, device)  # ours: truncated sender + bridge + receiver
     full_sender = load_model(pair.sender, device=device, attn_implementation="sdpa")  # the original's
@@ -199,8 +223,9 @@ def step_comparison(regime_name: str, device: torch.device, reps: int, compile_b
 
     def original_bridge():
         torch.manual_seed(0)
-        return OriginalPerceiver(pair.sender.hidden, pair.receiver.hidden, cfg.bridge.soft_tokens, cfg.bridge.heads,
-                                 cfg.bridge.depth, rms).to(device, torch.bfloat16)
+        return OriginalPerceiver(
+            pair.sender.hidden, pair.receiver.hidden, cfg.bridge.soft_tokens, cfg.bridge.heads, cfg.bridge.depth, rms
+        ).to(device, torch.bfloat16)
 
     def make_original():
         step = OriginalStep(full_sender, original_bridge(), lm, tap)
@@ -215,33 +240,51 @@ def step_comparison(regime_name: str, device: torch.device, reps: int, compile_b
     # Correctness on identical examples and bridge: the fast path's loss vs the original step's (bf16),
     # both with the project's bridge.
     same = our_batch(sender_ids, answers, list(range(batch)))
-    same_orig = original_batch(sender_ids[:batch], answers[:batch], PRIMER, max_length=regime["max_length"],
-                               answer_length=16, sender_pad=SENDER_PAD, eos=EOS)
+    same_orig = original_batch(
+        sender_ids[:batch],
+        answers[:batch],
+        PRIMER,
+        max_length=regime["max_length"],
+        answer_length=16,
+        sender_pad=SENDER_PAD,
+        eos=EOS,
+    )
     with torch.no_grad():
         loss_o = OriginalStep(full_sender, fresh_bridge(cfg, pair, rms, device), lm, tap)(same_orig.to(device)).item()
         loss_f = make_ours()[0](same.to(device)).item()
 
     runners = [Runner("original", make_original, orig_b, device), Runner("ours", make_ours, ours_b, device)]
     alternate(runners, reps)
-    result = {"batch": batch, "steps": steps, "reps": reps, "samples_per_run": batch * steps,
-              "mean_sender_tokens": float(np.mean([len(s) for s in sender_ids])),
-              "padded_len_original": regime["max_length"],
-              "padded_len_ours": float(np.mean([b.sender_mask.size(1) for b in ours_b])),
-              "loss_check": {"original": loss_o, "ours": loss_f, "abs_diff": abs(loss_o - loss_f)}}
+    result = {
+        "batch": batch,
+        "steps": steps,
+        "reps": reps,
+        "samples_per_run": batch * steps,
+        "mean_sender_tokens": float(np.mean([len(s) for s in sender_ids])),
+        "padded_len_original": regime["max_length"],
+        "padded_len_ours": float(np.mean([b.sender_mask.size(1) for b in ours_b])),
+        "loss_check": {"original": loss_o, "ours": loss_f, "abs_diff": abs(loss_o - loss_f)},
+    }
     for r in runners:
-        result[r.name] = {"times_s": r.times, "samples_per_s": [batch * steps / t for t in r.times],
-                          "median_samples_per_s": statistics.median(batch * steps / t for t in r.times),
-                          "cpu_times_s": r.cpu_times,
-                          "median_samples_per_cpu_s": statistics.median(batch * steps / t for t in r.cpu_times)}
+        result[r.name] = {
+            "times_s": r.times,
+            "samples_per_s": [batch * steps / t for t in r.times],
+            "median_samples_per_s": statistics.median(batch * steps / t for t in r.times),
+            "cpu_times_s": r.cpu_times,
+            "median_samples_per_cpu_s": statistics.median(batch * steps / t for t in r.cpu_times),
+        }
     result["speedup"] = result["ours"]["median_samples_per_s"] / result["original"]["median_samples_per_s"]
-    result["speedup_cpu_time"] = (result["ours"]["median_samples_per_cpu_s"]
-                                  / result["original"]["median_samples_per_cpu_s"])
-    result["gflop_per_step"] = {"original": count_flops(make_original()[0], orig_b[:1]) / 1e9,
-                                "ours": count_flops(make_ours()[0], ours_b) / 1e9}
+    result["speedup_cpu_time"] = (
+        result["ours"]["median_samples_per_cpu_s"] / result["original"]["median_samples_per_cpu_s"]
+    )
+    result["gflop_per_step"] = {
+        "original": count_flops(make_original()[0], orig_b[:1]) / 1e9,
+        "ours": count_flops(make_ours()[0], ours_b) / 1e9,
+    }
     result["flop_ratio"] = result["gflop_per_step"]["original"] / result["gflop_per_step"]["ours"]
     if compile_bridge:
         result["compile"] = compile_trial(make_ours, ours_b, batch * steps, device, reps)
-    del full_sender, model
+
     return result
 
 
@@ -258,13 +301,23 @@ def compile_trial(make_ours: Callable, batches: list, samples: int, device, reps
         alternate([eager, comp], reps, warmup=0)
         e = statistics.median(samples / t for t in eager.times)
         c = statistics.median(samples / t for t in comp.times)
-        return {"compile_s": compile_s, "eager_samples_per_s": e, "compiled_samples_per_s": c, "speedup": c / e,
-                "helps": c > 1.03 * e}
-    except Exception as exc:  # inductor needs a C++ compiler etc.; the eager step is the fallback
+        return {
+            "compile_s": compile_s,
+            "eager_samples_per_s": e,
+            "compiled_samples_per_s": c,
+            "speedup": c / e,
+            "helps": c > 1.03 * e,
+        }
+    except Exception as exc:  # noqa: BLE001  inductor needs a C++ compiler etc.; the eager step is the fallback
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", "helps": False}
 
 
 # ---------------------------------------------------------------- (b): sweep with / without the cache
+
+
+def model_loss(model) -> Callable:
+    return lambda batch: model(batch).loss
+
 
 def sweep(use_cache: bool, root: Path, device: torch.device, steps_per_epoch: int, epochs: int) -> dict:
     """4 tasks in sequence, as one node would run a sweep's array tasks: each task builds its model
@@ -282,18 +335,27 @@ def sweep(use_cache: bool, root: Path, device: torch.device, steps_per_epoch: in
         for lr in (1e-4, 2e-4):
             t0 = time.perf_counter()
             pair = reg.pair(sender=SENDER, receiver=receiver)
-            cfg = RunConfig(sender=SENDER, receiver=receiver, run_dir="/nonexistent",
-                            train=TrainConfig(sender_cache=use_cache, lr=lr, micro_batch=batch))
+            cfg = RunConfig(
+                sender=SENDER,
+                receiver=receiver,
+                run_dir="/nonexistent",
+                train=TrainConfig(sender_cache=use_cache, lr=lr, micro_batch=batch),
+            )
             model, _, _ = build_telepathy_model(cfg, pair, device)
             t1 = time.perf_counter()
             batches, idx = our_batches(sender_ids, answers, batch, steps_per_epoch * epochs)
             if use_cache:
                 tap = source_layer(cfg.bridge, spec)
-                key = sender_cache.CacheKey(model=sender_cache.model_identity(spec), layer=tap, dataset="bench-long:train",
-                                            ids_sha256=sender_cache.ids_digest(sender_ids), n_examples=len(sender_ids),
-                                            max_length=regime["max_length"])
+                key = sender_cache.CacheKey(
+                    model=sender_cache.model_identity(spec),
+                    layer=tap,
+                    dataset="bench-long:train",
+                    ids_sha256=sender_cache.ids_digest(sender_ids),
+                    n_examples=len(sender_ids),
+                    max_length=regime["max_length"],
+                )
 
-                def compute():
+                def compute(tap=tap):
                     body = load_model(spec, device=device, attn_implementation="sdpa", num_layers=tap)
                     return sender_cache.sender_states(body, sender_ids, SENDER_PAD, device)
 
@@ -302,17 +364,34 @@ def sweep(use_cache: bool, root: Path, device: torch.device, steps_per_epoch: in
                 batches = [cache.attach(b, i) for b, i in zip(batches, idx)]
             t2 = time.perf_counter()
             batches = [b.to(device) for b in batches]
-            train_steps(lambda b: model(b).loss, our_optimizer(model.trainable_parameters(), lr=lr), batches)
+            train_steps(model_loss(model), our_optimizer(model.trainable_parameters(), lr=lr), batches)
             sync(device)
             t3 = time.perf_counter()
-            tasks.append({"receiver": receiver, "lr": lr, "seconds": t3 - t0, "model_s": t1 - t0, "cache_s": t2 - t1,
-                          "train_s": t3 - t2})
-            del model
+            tasks.append(
+                {
+                    "receiver": receiver,
+                    "lr": lr,
+                    "seconds": t3 - t0,
+                    "model_s": t1 - t0,
+                    "cache_s": t2 - t1,
+                    "train_s": t3 - t2,
+                }
+            )
+            del model  # the next task builds its own: no two models resident at once
     total, cpu_total = time.perf_counter() - t_start, time.process_time() - c_start
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if use_cache else 0
-    return {"total_s": total, "cpu_s": cpu_total, "tasks": tasks, "cache_builds": built, "cache_bytes": size,
-            "examples": len(sender_ids), "epochs": epochs, "steps_per_task": steps_per_epoch * epochs, "batch": batch,
-            "without_model_construction_s": sum(t["cache_s"] + t["train_s"] for t in tasks)}
+    return {
+        "total_s": total,
+        "cpu_s": cpu_total,
+        "tasks": tasks,
+        "cache_builds": built,
+        "cache_bytes": size,
+        "examples": len(sender_ids),
+        "epochs": epochs,
+        "steps_per_task": steps_per_epoch * epochs,
+        "batch": batch,
+        "without_model_construction_s": sum(t["cache_s"] + t["train_s"] for t in tasks),
+    }
 
 
 def sweep_flops(device: torch.device) -> dict:
@@ -329,15 +408,27 @@ def sweep_flops(device: torch.device) -> dict:
         states = model.sender(input_ids=b.sender_ids, attention_mask=b.sender_mask, use_cache=False).last_hidden_state
     b.sender_states, b.sender_ids = states, None
     cached = count_flops(lambda x: model(x).loss, [b])
-    return {"gflop_per_step_live_sender": live / 1e9, "gflop_per_step_cached": cached / 1e9, "flop_ratio": live / cached}
+    return {
+        "gflop_per_step_live_sender": live / 1e9,
+        "gflop_per_step_cached": cached / 1e9,
+        "flop_ratio": live / cached,
+    }
 
 
 # ---------------------------------------------------------------- (d): CLI latency and planning
 
+
 def cli_latency(runs: int = 5) -> dict:
     launch = Path(sys.executable).parent / "launch"
-    argv = [str(launch) if launch.exists() else sys.executable, *([] if launch.exists() else ["-m", "launcher.cli"]),
-            "--pair", "llama3b-qwen3b", "--gpus", "4", "--dry-run"]
+    argv = [
+        str(launch) if launch.exists() else sys.executable,
+        *([] if launch.exists() else ["-m", "launcher.cli"]),
+        "--pair",
+        "llama3b-qwen3b",
+        "--gpus",
+        "4",
+        "--dry-run",
+    ]
     times, rc, err = [], 0, ""
     env = dict(os.environ, TELEPATHY_RUNS=tempfile.mkdtemp(prefix="bench-runs-"))
     for _ in range(runs):
@@ -346,37 +437,38 @@ def cli_latency(runs: int = 5) -> dict:
         times.append(time.perf_counter() - t0)
         rc = rc or p.returncode
         err = err or (p.stderr.strip().splitlines() or [""])[-1] if p.returncode else err
-    return {"command": "launch --pair llama3b-qwen3b --gpus 4 --dry-run", "times_s": times,
-            "median_s": statistics.median(times), "returncode": rc, **({"error": err} if rc else {})}
+    return {
+        "command": "launch --pair llama3b-qwen3b --gpus 4 --dry-run",
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "returncode": rc,
+        **({"error": err} if rc else {}),
+    }
 
 
 def plan_1000() -> dict:
-    """Planning a 1,000-task sweep in-process: launcher.sweep.expand_sweep + build_plans when the sweep
-    module exists, else 1,000 make_plan calls (the per-task work build_plans does), timed as build_plans
-    calls it today (table=None: the memory table is re-read per plan) and with the table read once."""
-    from launcher.plan import make_plan
+    """Planning a 1,000-task sweep in-process (launcher.plan.build_plans from a typed request), and 1,000
+    make_plan calls with the memory table re-read per plan vs read once."""
+    from launcher.flags import LaunchRequest
+    from launcher.plan import build_plans, make_plan
     from launcher.profiles import load_profile
     from launcher.table import load_table
 
-    try:
-        from launcher.sweep import expand_sweep  # noqa: F401
-    except ImportError:
-        expand_sweep = None
-    out: dict = {}
-    if expand_sweep is not None:
-        from launcher import cli, cmd_run
-
-        try:
-            args = cli.build_parser("run").parse_args(["run", "--pair", "llama3b-qwen3b", "--gpus", "4", "--dry-run",
-                                                       "--sweep", "seed=" + ",".join(str(i) for i in range(1000))])
-            t0 = time.perf_counter()
-            plans, _ = cmd_run.build_plans(args)
-            out = {"how": "launcher.cmd_run.build_plans with a 1,000-value --sweep", "tasks": len(plans),
-                   "seconds": time.perf_counter() - t0}
-        except Exception as exc:  # the sweep syntax is the slurm helper's; fall back to make_plan
-            out = {"build_plans_error": f"{type(exc).__name__}: {exc}"}
-    reg = load_registry()
-    pair = reg.pair("llama3b-qwen3b")
+    request = LaunchRequest(
+        pair="llama3b-qwen3b",
+        gpus=4,
+        name="bench-plan",
+        runs_dir="/tmp/bench-plan",
+        sweep=("seed=" + ",".join(str(i) for i in range(1000)),),
+    )
+    t0 = time.perf_counter()
+    plans, _ = build_plans(request)
+    out: dict = {
+        "how": "launcher.plan.build_plans with a 1,000-value --sweep",
+        "tasks": len(plans),
+        "seconds": time.perf_counter() - t0,
+    }
+    pair = load_registry().pair("llama3b-qwen3b")
     profile = load_profile(None, {})
     base = RunConfig(sender="llama3b", receiver="qwen3b", run_dir="/tmp/bench-plan")
     runs = [base.replace(train={"seed": i}, run_dir=f"/tmp/bench-plan/t{i}") for i in range(1000)]
@@ -386,25 +478,44 @@ def plan_1000() -> dict:
     t0 = time.perf_counter()
     table = load_table()
     plans = [make_plan(pair, r, gpus=4, profile=profile, mode="slurm", table=table) for r in runs]
-    table_once = time.perf_counter() - t0
-    out.update({"make_plan_1000_s": per_plan_table, "make_plan_1000_table_once_s": table_once, "tasks_planned": len(plans)})
-    if "seconds" not in out:
-        out.update({"how": "1,000 launcher.plan.make_plan calls as build_plans makes them (launcher/sweep.py "
-                           "expand_sweep not usable yet)", "seconds": per_plan_table})
+    out.update(
+        {
+            "make_plan_1000_s": per_plan_table,
+            "make_plan_1000_table_once_s": time.perf_counter() - t0,
+            "tasks_planned": len(plans),
+        }
+    )
     return out
 
 
 # ---------------------------------------------------------------- report
 
+
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     import transformers
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "loadavg_start": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg_start": os.getloadavg(),
+    }
 
 
 def _fmt(x: float, nd: int = 2) -> str:
@@ -413,103 +524,154 @@ def _fmt(x: float, nd: int = 2) -> str:
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = ["# Benchmark results (`make bench`, bench/run.py)", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
-             f"{'GPU ' + m['gpu'] if m['gpu'] else 'no GPU'}; torch {m['torch']}, transformers {m['transformers']}, "
-             f"Python {m['python']}. Load average at start {m['loadavg_start'][0]:.2f}, at end {res['loadavg_end'][0]:.2f} "
-             "(other processes share this machine; configurations alternate within each repetition). "
-             f"Wall time of the whole benchmark: {res['wall_s']:.0f} s.", "",
-             "Models: random-weight `bench-llama` sender (hidden 512, 8 layers, vocab 128256, tap hidden_states[7]) -> "
-             "`bench-mistral` receiver (vocab 32768); `bench-qwen` (vocab 151936) is the second sweep receiver "
-             "(configs/models.yaml). Bridge: K=32, depth 2, bf16.", "",
-             "| measurement | original / baseline | ours | ratio | target | met |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Benchmark results (`make bench`, bench/run.py)",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+        f"{'GPU ' + m['gpu'] if m['gpu'] else 'no GPU'}; torch {m['torch']}, transformers {m['transformers']}, "
+        f"Python {m['python']}. Load average at start {m['loadavg_start'][0]:.2f}, at end {res['loadavg_end'][0]:.2f} "
+        "(other processes share this machine; configurations alternate within each repetition). "
+        f"Wall time of the whole benchmark: {res['wall_s']:.0f} s.",
+        "",
+        "Models: random-weight `bench-llama` sender (hidden 512, 8 layers, vocab 128256, tap hidden_states[7]) -> "
+        "`bench-mistral` receiver (vocab 32768); `bench-qwen` (vocab 151936) is the second sweep receiver "
+        "(configs/models.yaml). Bridge: K=32, depth 2, bf16.",
+        "",
+        "| measurement | original / baseline | ours | ratio | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in ("short", "long"):
         r = res["steps"].get(name)
         if not r:
             continue
         tgt = TARGETS["short_step_speedup"] if name == "short" else None
-        lines.append(f"| {name} regime step, samples/s (batch {r['batch']}, mean {r['mean_sender_tokens']:.0f} sender tokens; "
-                     f"padded to {r['padded_len_original']} vs {r['padded_len_ours']:.1f}) | "
-                     f"{_fmt(r['original']['median_samples_per_s'])} | {_fmt(r['ours']['median_samples_per_s'])} | "
-                     f"**{_fmt(r['speedup'])}x** | {f'>= {tgt}x' if tgt else '-'} | "
-                     f"{('yes' if r['speedup'] >= tgt else 'NO') if tgt else '-'} |")
-        lines.append(f"| {name} regime, samples per process-CPU-second (less sensitive to other load) | "
-                     f"{_fmt(r['original']['median_samples_per_cpu_s'])} | {_fmt(r['ours']['median_samples_per_cpu_s'])} | "
-                     f"{_fmt(r['speedup_cpu_time'])}x | - | - |")
-        lines.append(f"| {name} regime GFLOP/step (fwd+bwd) | {_fmt(r['gflop_per_step']['original'], 1)} | "
-                     f"{_fmt(r['gflop_per_step']['ours'], 1)} | {_fmt(r['flop_ratio'])}x fewer | - | - |")
+        lines.append(
+            f"| {name} regime step, samples/s (batch {r['batch']}, mean {r['mean_sender_tokens']:.0f} sender tokens; "
+            f"padded to {r['padded_len_original']} vs {r['padded_len_ours']:.1f}) | "
+            f"{_fmt(r['original']['median_samples_per_s'])} | {_fmt(r['ours']['median_samples_per_s'])} | "
+            f"**{_fmt(r['speedup'])}x** | {f'>= {tgt}x' if tgt else '-'} | "
+            f"{('yes' if r['speedup'] >= tgt else 'NO') if tgt else '-'} |"
+        )
+        lines.append(
+            f"| {name} regime, samples per process-CPU-second (less sensitive to other load) | "
+            f"{_fmt(r['original']['median_samples_per_cpu_s'])} | {_fmt(r['ours']['median_samples_per_cpu_s'])} | "
+            f"{_fmt(r['speedup_cpu_time'])}x | - | - |"
+        )
+        lines.append(
+            f"| {name} regime GFLOP/step (fwd+bwd) | {_fmt(r['gflop_per_step']['original'], 1)} | "
+            f"{_fmt(r['gflop_per_step']['ours'], 1)} | {_fmt(r['flop_ratio'])}x fewer | - | - |"
+        )
     s = res.get("sweep")
     if s:
         for sw in s["runs"]:
             w, c = sw["without"], sw["with"]
-            lines.append(f"| 4-task sweep, long regime, total s, without / with sender cache ({w['examples']} examples x 1536 "
-                         f"tokens, {w['epochs']} epoch(s) per task = {w['steps_per_task']} steps of {w['batch']}) | "
-                         f"{_fmt(w['total_s'], 1)} | {_fmt(c['total_s'], 1)} | **{_fmt(sw['speedup'])}x** | "
-                         f">= {TARGETS['sweep_cache_speedup']}x | {'yes' if sw['speedup'] >= TARGETS['sweep_cache_speedup'] else 'NO'} |")
-            lines.append(f"| same, process CPU seconds | {_fmt(w['cpu_s'], 1)} | {_fmt(c['cpu_s'], 1)} | "
-                         f"{_fmt(sw['speedup_cpu_time'])}x | - | - |")
-            lines.append(f"| same, excluding model construction (random-weight init here, checkpoint loading on a cluster) | "
-                         f"{_fmt(w['without_model_construction_s'], 1)} | {_fmt(c['without_model_construction_s'], 1)} | "
-                         f"{_fmt(sw['speedup_without_model_construction'])}x | - | - |")
+            met = "yes" if sw["speedup"] >= TARGETS["sweep_cache_speedup"] else "NO"
+            lines.append(
+                f"| 4-task sweep, long regime, total s, without / with sender cache ({w['examples']} examples x 1536 "
+                f"tokens, {w['epochs']} epoch(s) per task = {w['steps_per_task']} steps of {w['batch']}) | "
+                f"{_fmt(w['total_s'], 1)} | {_fmt(c['total_s'], 1)} | **{_fmt(sw['speedup'])}x** | "
+                f">= {TARGETS['sweep_cache_speedup']}x | {met} |"
+            )
+            lines.append(
+                f"| same, process CPU seconds | {_fmt(w['cpu_s'], 1)} | {_fmt(c['cpu_s'], 1)} | "
+                f"{_fmt(sw['speedup_cpu_time'])}x | - | - |"
+            )
+            lines.append(
+                f"| same, excluding model construction (random-weight init here, checkpoint loading on a cluster) | "
+                f"{_fmt(w['without_model_construction_s'], 1)} | {_fmt(c['without_model_construction_s'], 1)} | "
+                f"{_fmt(sw['speedup_without_model_construction'])}x | - | - |"
+            )
         f = s["flops"]
-        lines.append(f"| sweep task GFLOP/step (live sender / cached states) | {_fmt(f['gflop_per_step_live_sender'], 1)} | "
-                     f"{_fmt(f['gflop_per_step_cached'], 1)} | {_fmt(f['flop_ratio'])}x fewer | - | - |")
+        lines.append(
+            f"| sweep task GFLOP/step (live sender / cached states) | {_fmt(f['gflop_per_step_live_sender'], 1)} | "
+            f"{_fmt(f['gflop_per_step_cached'], 1)} | {_fmt(f['flop_ratio'])}x fewer | - | - |"
+        )
     c = res.get("cli")
     if c:
         d = c["dry_run"]
         ok = d["returncode"] == 0 and d["median_s"] < TARGETS["dry_run_s"]
-        lines.append(f"| `{d['command']}` wall s (median of {len(d['times_s'])}) | - | {_fmt(d['median_s'], 3)} | - | "
-                     f"< {TARGETS['dry_run_s']} s | {'yes' if ok else 'NO'}{'' if d['returncode'] == 0 else ' (exit ' + str(d['returncode']) + ')'} |")
+        failed = "" if d["returncode"] == 0 else f" (exit {d['returncode']})"
+        lines.append(
+            f"| `{d['command']}` wall s (median of {len(d['times_s'])}) | - | {_fmt(d['median_s'], 3)} | - | "
+            f"< {TARGETS['dry_run_s']} s | {'yes' if ok else 'NO'}{failed} |"
+        )
         p = c["plan_1000"]
         if "seconds" in p:
-            lines.append(f"| planning 1,000 sweep tasks, s ({p['how']}) | - | {_fmt(p['seconds'], 3)} | - | "
-                         f"< {TARGETS['plan_1000_s']} s | {'yes' if p['seconds'] < TARGETS['plan_1000_s'] else 'NO'} |")
-            lines.append(f"| 1,000 make_plan calls with the memory table read once (table=...) | "
-                         f"{_fmt(p['make_plan_1000_s'], 3)} | {_fmt(p['make_plan_1000_table_once_s'], 3)} | "
-                         f"{_fmt(p['make_plan_1000_s'] / p['make_plan_1000_table_once_s'])}x | - | - |")
+            lines.append(
+                f"| planning 1,000 sweep tasks, s ({p['how']}) | - | {_fmt(p['seconds'], 3)} | - | "
+                f"< {TARGETS['plan_1000_s']} s | {'yes' if p['seconds'] < TARGETS['plan_1000_s'] else 'NO'} |"
+            )
+            lines.append(
+                f"| 1,000 make_plan calls with the memory table read once (table=...) | "
+                f"{_fmt(p['make_plan_1000_s'], 3)} | {_fmt(p['make_plan_1000_table_once_s'], 3)} | "
+                f"{_fmt(p['make_plan_1000_s'] / p['make_plan_1000_table_once_s'])}x | - | - |"
+            )
     lines += ["", "Notes:"]
     for name, r in res["steps"].items():
         lc = r["loss_check"]
-        lines.append(f"- {name}: loss of the first batch, same examples and bridge init: original {lc['original']:.4f}, "
-                     f"ours {lc['ours']:.4f} (|diff| {lc['abs_diff']:.1e}, bf16). Runs (samples/s): original "
-                     f"{', '.join(_fmt(x) for x in r['original']['samples_per_s'])}; ours "
-                     f"{', '.join(_fmt(x) for x in r['ours']['samples_per_s'])}.")
+        lines.append(
+            f"- {name}: loss of the first batch, same examples and bridge init: original {lc['original']:.4f}, "
+            f"ours {lc['ours']:.4f} (|diff| {lc['abs_diff']:.1e}, bf16). Runs (samples/s): original "
+            f"{', '.join(_fmt(x) for x in r['original']['samples_per_s'])}; ours "
+            f"{', '.join(_fmt(x) for x in r['ours']['samples_per_s'])}."
+        )
         if "compile" in r:
             cp = r["compile"]
-            lines.append(f"- {name}: torch.compile(bridge, dynamic=True): " + (
-                f"failed ({cp['error']}); eager is used" if "error" in cp else
-                f"compile {cp['compile_s']:.0f} s, eager {_fmt(cp['eager_samples_per_s'])} vs compiled "
-                f"{_fmt(cp['compiled_samples_per_s'])} samples/s ({_fmt(cp['speedup'])}x): "
-                f"{'helps' if cp['helps'] else 'no measurable gain, so the trainer does not compile'}."))
+            lines.append(
+                f"- {name}: torch.compile(bridge, dynamic=True): "
+                + (
+                    f"failed ({cp['error']}); eager is used"
+                    if "error" in cp
+                    else f"compile {cp['compile_s']:.0f} s, eager {_fmt(cp['eager_samples_per_s'])} vs compiled "
+                    f"{_fmt(cp['compiled_samples_per_s'])} samples/s ({_fmt(cp['speedup'])}x): "
+                    f"{'helps' if cp['helps'] else 'no measurable gain, so the trainer does not compile'}."
+                )
+            )
     if s:
         for sw in s["runs"]:
             w, c = sw["without"], sw["with"]
-            lines.append(f"- sweep, {w['epochs']} epoch(s) per task: cache built {c['cache_builds']} time(s) for 4 tasks, "
-                         f"{c['cache_bytes'] / 1e6:.0f} MB on disk; per task (model / cache / train s) without: "
-                         + "; ".join(f"{_fmt(t['model_s'], 1)}/{_fmt(t['cache_s'], 1)}/{_fmt(t['train_s'], 1)}" for t in w["tasks"])
-                         + "; with: " + "; ".join(f"{_fmt(t['model_s'], 1)}/{_fmt(t['cache_s'], 1)}/{_fmt(t['train_s'], 1)}"
-                                                   for t in c["tasks"]) + ".")
-        per_step = [sum(t["train_s"] for t in sw["without"]["tasks"]) / sum(t["train_s"] for t in sw["with"]["tasks"])
-                    for sw in s["runs"]]
+            met = "yes" if sw["speedup"] >= TARGETS["sweep_cache_speedup"] else "NO"
+            lines.append(
+                f"- sweep, {w['epochs']} epoch(s) per task: cache built {c['cache_builds']} time(s) for 4 tasks, "
+                f"{c['cache_bytes'] / 1e6:.0f} MB on disk; per task (model / cache / train s) without: "
+                + "; ".join(
+                    f"{_fmt(t['model_s'], 1)}/{_fmt(t['cache_s'], 1)}/{_fmt(t['train_s'], 1)}" for t in w["tasks"]
+                )
+                + "; with: "
+                + "; ".join(
+                    f"{_fmt(t['model_s'], 1)}/{_fmt(t['cache_s'], 1)}/{_fmt(t['train_s'], 1)}" for t in c["tasks"]
+                )
+                + "."
+            )
+        per_step = [
+            sum(t["train_s"] for t in sw["without"]["tasks"]) / sum(t["train_s"] for t in sw["with"]["tasks"])
+            for sw in s["runs"]
+        ]
         live, cached = f["gflop_per_step_live_sender"], f["gflop_per_step_cached"]
         # The build is one no-grad sender pass over the data: per step of data, live minus cached FLOPs.
-        bound = [4 * sw["without"]["epochs"] * live / ((live - cached) + 4 * sw["without"]["epochs"] * cached)
-                 for sw in s["runs"]]
-        lines.append("- The cache removes the sender from every step but costs one sender pass over the whole dataset "
-                     "(and model construction stays); with T tasks each reading the data E times, the sender work drops "
-                     "from T*E passes to 1, so the sweep's gain grows with T*E towards the per-step ratio of training "
-                     f"from cached states ({', '.join(_fmt(x) for x in per_step)}x measured here, train time only; "
-                     f"FLOPs say {_fmt(f['flop_ratio'])}x: the remaining bridge + receiver work is small-matrix work that "
-                     "runs further below peak). By FLOPs alone the sweep could gain at most "
-                     f"{', '.join(_fmt(b) for b in bound)}x at {', '.join(str(sw['without']['epochs']) for sw in s['runs'])} "
-                     "epoch(s) per task. A single run that reads its data less than once is slower with the cache.")
+        bound = [
+            4 * sw["without"]["epochs"] * live / ((live - cached) + 4 * sw["without"]["epochs"] * cached)
+            for sw in s["runs"]
+        ]
+        lines.append(
+            "- The cache removes the sender from every step but costs one sender pass over the whole dataset "
+            "(and model construction stays); with T tasks each reading the data E times, the sender work drops "
+            "from T*E passes to 1, so the sweep's gain grows with T*E towards the per-step ratio of training "
+            f"from cached states ({', '.join(_fmt(x) for x in per_step)}x measured here, train time only; "
+            f"FLOPs say {_fmt(f['flop_ratio'])}x: the remaining bridge + receiver work is small-matrix work that "
+            "runs further below peak). By FLOPs alone the sweep could gain at most "
+            f"{', '.join(_fmt(b) for b in bound)}x at {', '.join(str(sw['without']['epochs']) for sw in s['runs'])} "
+            "epoch(s) per task. A single run that reads its data less than once is slower with the cache."
+        )
     gpu = res["gpu"]
     if isinstance(gpu, str):
         lines.append(f"- GPU: {gpu}")
     else:
         for name, r in gpu.items():
-            lines.append(f"- GPU {name} regime: original {_fmt(r['original']['median_samples_per_s'])}, ours "
-                         f"{_fmt(r['ours']['median_samples_per_s'])} samples/s ({_fmt(r['speedup'])}x)")
+            lines.append(
+                f"- GPU {name} regime: original {_fmt(r['original']['median_samples_per_s'])}, ours "
+                f"{_fmt(r['ours']['median_samples_per_s'])} samples/s ({_fmt(r['speedup'])}x)"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -536,8 +698,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("short", "long"):
         if name in sections:
             print(f"[bench] {name} regime step comparison", flush=True)
-            res["steps"][name] = step_comparison(name, cpu, args.reps, compile_bridge=name == "short" and not args.no_compile)
-            print(json.dumps({k: v for k, v in res["steps"][name].items() if k in ("speedup", "flop_ratio")}), flush=True)
+            res["steps"][name] = step_comparison(
+                name, cpu, args.reps, compile_bridge=name == "short" and not args.no_compile
+            )
+            print(
+                json.dumps({k: v for k, v in res["steps"][name].items() if k in ("speedup", "flop_ratio")}), flush=True
+            )
     if "sweep" in sections:
         print("[bench] 4-task sweep with and without the sender cache", flush=True)
         runs = []
@@ -545,10 +711,16 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="bench-cache-") as root:
                 without = sweep(False, Path(root) / "unused", cpu, args.sweep_steps, epochs)
                 with_ = sweep(True, Path(root), cpu, args.sweep_steps, epochs)
-            runs.append({"without": without, "with": with_, "speedup": without["total_s"] / with_["total_s"],
-                         "speedup_cpu_time": without["cpu_s"] / with_["cpu_s"],
-                         "speedup_without_model_construction":
-                             without["without_model_construction_s"] / with_["without_model_construction_s"]})
+            runs.append(
+                {
+                    "without": without,
+                    "with": with_,
+                    "speedup": without["total_s"] / with_["total_s"],
+                    "speedup_cpu_time": without["cpu_s"] / with_["cpu_s"],
+                    "speedup_without_model_construction": without["without_model_construction_s"]
+                    / with_["without_model_construction_s"],
+                }
+            )
             print(json.dumps({"epochs": epochs, "sweep_speedup": runs[-1]["speedup"]}), flush=True)
         res["sweep"] = {"runs": runs, "flops": sweep_flops(cpu)}
     if "cli" in sections:
@@ -559,7 +731,9 @@ def main(argv: list[str] | None = None) -> int:
         gpu = torch.device("cuda")
         res["gpu"] = {name: step_comparison(name, gpu, args.reps, compile_bridge=False) for name in ("short", "long")}
     else:
-        res["gpu"] = "skipped: no CUDA device on this machine (the same step comparison runs on cuda when one is present)"
+        res["gpu"] = (
+            "skipped: no CUDA device on this machine (the same step comparison runs on cuda when one is present)"
+        )
     res["loadavg_end"] = os.getloadavg()
     res["wall_s"] = time.perf_counter() - t0
     out = Path(args.out)
@@ -572,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
 def _guard(fn: Callable[[], dict]) -> dict:
     try:
         return fn()
-    except Exception as exc:  # report, do not lose the other sections
+    except Exception as exc:  # noqa: BLE001  report it, do not lose the other sections
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 

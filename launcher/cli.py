@@ -1,7 +1,4 @@
-"""`launch`: the one entry point. Subcommands live in launcher/cmd_*.py, each with register() and a handler.
-
-    launch --pair llama3b-qwen3b --gpus 4 [--dry-run]      plan and submit (SLURM), or --local / --debug
-    launch memory | status | logs | cancel | resubmit | report | models
+"""`launch`: the one entry point (subcommands live in launcher/cmd_*.py, each with register() and a handler).
 
 Bad input -> `error: <one line>` on stderr and exit code 2, never a traceback.
 """
@@ -28,6 +25,33 @@ COMMANDS = {
 }
 
 
+USAGE = """usage: launch [run] --pair SENDER-RECEIVER [options]    plan and start a training run
+       launch SUBCOMMAND ...
+
+Train a bridge from a frozen sender LLM to a frozen receiver LLM, on SLURM (default), with torchrun here
+(--local) or in this process (--debug).
+
+  launch --pair llama3b-qwen3b --gpus 4 --dry-run     the plan and the exact sbatch script; writes nothing
+  launch --pair llama3b-qwen3b --gpus 4               submit (one task per node, torchrun inside)
+  launch --pair tiny-llama-tiny-qwen --task demo --debug      one process on this machine (CPU or GPU)
+
+main options (all: `launch run --help`)
+  --pair A-B | --sender A --receiver B   models: registry aliases (`launch models`), hub ids or local folders
+  --task NAME                            sst2, agnews, trec, banking77, boolq, demo, or a .jsonl/.csv file
+  --gpus N   --backend ddp|fsdp|deepspeed   --cluster PROFILE   --account A   --partition P
+  --steps N  --lr X  --seed N  --soft-tokens K  --sweep KEY=V1,V2 (one SLURM array job)
+  --dry-run [--json]   --debug   --local   --name NAME   --runs-dir DIR
+
+subcommands
+  models                      the model registry's aliases
+  memory --pair P             per-GPU memory of a step and the micro-batch that fits (--trace, --measure)
+  status | logs | cancel | resubmit RUN_OR_SWEEP     submitted runs and sweeps
+  report RUN_OR_SWEEP         tables and plots
+
+Every command that shows something takes --json (stable schema). Bad input: one line, exit code 2.
+"""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that raises UserError (one line, exit 2) instead of printing usage and exiting."""
 
@@ -36,7 +60,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
-    parser = Parser(prog="launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="launch", add_help=False)
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
     importlib.import_module(COMMANDS[command]).register(sub)
     return parser
@@ -44,8 +68,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
         return 0
     command = argv[0] if argv and argv[0] in COMMANDS else "run"
     if command == "run" and argv[:1] == ["run"]:

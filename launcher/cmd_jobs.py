@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher import jobs
+from launcher import jobs, slurm
 from telepathy.errors import UserError
 
 SCHEMA = 1
@@ -25,8 +25,14 @@ def register(sub) -> None:
     def common(p, many_tasks: bool = True) -> None:
         p.add_argument("target", metavar="RUN_OR_SWEEP", help="run or sweep folder (or a name under the runs folder)")
         if many_tasks:
-            p.add_argument("--task", type=int, action="append", default=None, metavar="I",
-                           help="only task I of a sweep (repeatable)")
+            p.add_argument(
+                "--task",
+                type=int,
+                action="append",
+                default=None,
+                metavar="I",
+                help="only task I of a sweep (repeatable)",
+            )
         else:
             p.add_argument("--task", type=int, default=None, metavar="I", help="task I of a sweep")
         p.add_argument("--runs-dir", help="where run folders go (default ./runs; env TELEPATHY_RUNS)")
@@ -49,8 +55,8 @@ def register(sub) -> None:
 
 
 def _load(args) -> tuple[jobs.JobRecord, list[int] | None]:
-    root, selected = jobs.find_root(args.target, args.runs_dir)
-    record = jobs.JobRecord.load(root)
+    root, selected = jobs.submitted_root(args.target, args.runs_dir)
+    record = jobs.JobRecord.load(root.path)
     wanted = args.task if isinstance(args.task, list) else ([args.task] if args.task is not None else None)
     if wanted is not None and selected is not None and set(wanted) - set(selected):
         raise UserError(f"{args.target} is task {selected[0]} of its sweep; drop --task or pass the sweep folder")
@@ -80,8 +86,21 @@ def handle_logs(args) -> int:
         if args.follow:
             raise UserError("--follow streams text; drop --json")
         text = path.read_text(errors="replace") if path.exists() else None
-        print(json.dumps({"schema": SCHEMA, "root": record.root, "task": task.index, "name": task.name,
-                          "job_id": task.job_id, "node": args.node, "path": str(path), "text": text}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "schema": SCHEMA,
+                    "root": record.root,
+                    "task": task.index,
+                    "name": task.name,
+                    "job_id": task.job_id,
+                    "node": args.node,
+                    "path": str(path),
+                    "text": text,
+                },
+                indent=2,
+            )
+        )
         return 0
     if not args.follow:
         if not path.exists():
@@ -106,8 +125,8 @@ def _follow(path: Path, job_id: str, poll_s: float = 0.5, state_every_s: float =
                 sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
         if time.monotonic() >= next_check:
-            state = jobs.sacct([job_id]).get(job_id, {}).get("State", "UNKNOWN")
-            if state != "UNKNOWN" and not jobs.is_active(state):
+            state = slurm.job_states([job_id]).jobs.get(job_id, {}).get("State", "UNKNOWN")
+            if state != "UNKNOWN" and not slurm.is_active(state):
                 if path.exists() and path.stat().st_size > offset:
                     continue  # print the rest first
                 print(f"[launch logs] job {job_id} ended: {state}", file=sys.stderr)
@@ -129,7 +148,7 @@ def handle_cancel(args) -> int:
 
 
 def handle_resubmit(args) -> int:
-    from launcher.submit import resubmit  # noqa: PLC0415 (imports submitit)
+    from launcher.submit import resubmit  # noqa: PLC0415  (imports submitit)
 
     record, indices = _load(args)
     result = resubmit(record, indices)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from launcher.rundir import runs_root
+from launcher.runs import resolve
 
 
 def register(sub) -> None:
@@ -17,15 +16,8 @@ def register(sub) -> None:
     p.set_defaults(handler=handle)
 
 
-def resolve(path: str, runs_dir: str | None) -> Path:
-    """A path as given, or else a name under the runs folder (`launch report demo-2026...`)."""
-    given = Path(path)
-    named = runs_root(runs_dir) / path
-    return named if not given.exists() and not given.is_absolute() and named.exists() else given
-
-
 def handle(args) -> int:
-    from telepathy.report import report  # noqa: PLC0415 (the other subcommands do not need it)
+    from telepathy.report import report  # noqa: PLC0415  (matplotlib: only this subcommand needs it)
 
     rep = report(resolve(args.path, args.runs_dir), args.out)
     if args.json:
@@ -36,12 +28,11 @@ def handle(args) -> int:
     for note in rep.notes:
         print(f"note: {note}")
     if rep.kind == "sweep" and rep.missing:
-        print(f"missing: {len(rep.missing)} run(s) have no eval.json yet: "
-              + ", ".join(f"{name} ({state})" for name, state in rep.states.items()))
-    if rep.kind == "sweep" and rep.written:
+        print(
+            f"missing: {len(rep.missing)} run(s) have no evaluation yet: "
+            + ", ".join(f"{name} ({state})" for name, state in rep.states.items())
+        )
+    if rep.table is not None:
         print()
-        print(rep.written[0].read_text(), end="")
-    elif rep.kind == "run" and any(p.name == "eval.md" for p in rep.written):
-        print()
-        print(next(p for p in rep.written if p.name == "eval.md").read_text(), end="")
+        print(rep.table.read_text(), end="")
     return 0

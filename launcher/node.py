@@ -12,7 +12,7 @@ in it, importing this module from the job's code snapshot. The entry
 3. on SIGUSR2 (SLURM's `--signal=USR2@T` before the time limit, or `scancel --signal=USR2`), which
    SLURM delivers to every process of the step, only notes it: the workers checkpoint at the next step
    boundary and exit; torchrun then exits 1. The checkpoint is durable once rank 0 has written
-   RUN/preempted.json, and only then does the first task requeue the job (`scontrol requeue`), at most
+   the run folder's preemption marker, and only then does the first task requeue the job (`scontrol requeue`), at most
    `profile.max_requeues` times (SLURM_RESTART_COUNT). The other nodes wait for the requeue to end them.
 
 SIGTERM (scancel, a SLURM-driven preemption, the hard time limit) never requeues from here: a user's
@@ -33,7 +33,6 @@ Torch-free at import: the submitting CLI pickles a NodeEntry by reference.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import shlex
 import signal
@@ -45,8 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from telepathy.rundir import EXIT_PREEMPTED
+
 PORT_BASE, PORT_SPAN = 20000, 12000  # below Linux's ephemeral range (32768+), so no client socket holds it
-CHECKPOINT_WAIT_S = 120  # after torchrun exits on a signal: how long to wait for rank 0's preempted.json
+CHECKPOINT_WAIT_S = 120  # after torchrun exits on a signal: how long to wait for rank 0's preemption marker
 REQUEUE_WAIT_S = 120  # other nodes: how long to wait for the first task's requeue to end them
 
 
@@ -66,13 +67,18 @@ class SlurmTask:
     restarts: int  # SLURM_RESTART_COUNT: requeues so far
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | os._Environ = os.environ) -> "SlurmTask":
+    def from_env(cls, env: dict[str, str] | os._Environ = os.environ) -> SlurmTask:
         try:
             job_id = env["SLURM_JOB_ID"]
             array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-            return cls(job_id=job_id, requeue_id=f"{array_job}_{array_task}" if array_job else job_id,
-                       procid=int(env.get("SLURM_PROCID", 0)), nnodes=int(env.get("SLURM_JOB_NUM_NODES", 1)),
-                       nodelist=env.get("SLURM_JOB_NODELIST", ""), restarts=int(env.get("SLURM_RESTART_COUNT", 0)))
+            return cls(
+                job_id=job_id,
+                requeue_id=f"{array_job}_{array_task}" if array_job else job_id,
+                procid=int(env.get("SLURM_PROCID", 0)),
+                nnodes=int(env.get("SLURM_JOB_NUM_NODES", 1)),
+                nodelist=env.get("SLURM_JOB_NODELIST", ""),
+                restarts=int(env.get("SLURM_RESTART_COUNT", 0)),
+            )
         except KeyError:
             raise RuntimeError("the node entry runs inside a SLURM job (SLURM_JOB_ID is not set)") from None
 
@@ -87,8 +93,9 @@ def expand_nodelist(nodelist: str) -> list[str]:
     """SLURM's compressed host list (n[1-2],gpu07) as names: scontrol is the reference; submitit's
     parser when scontrol is missing on compute nodes, as on some clusters."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
         if out:
             return out
     except (OSError, subprocess.SubprocessError):
@@ -110,23 +117,30 @@ def check_rendezvous_host(host: str) -> None:
     try:
         mine = _addresses(host)
     except OSError as e:
-        raise RendezvousError(f"rendezvous host {host} (first node of the job) does not resolve on {here}: {e}; "
-                              "fix name resolution of the compute nodes") from None
+        raise RendezvousError(
+            f"rendezvous host {host} (first node of the job) does not resolve on {here}: {e}; "
+            "fix name resolution of the compute nodes"
+        ) from None
     if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in mine):
         return
     try:
-        line = subprocess.run(["scontrol", "show", "node", host, "-o"], capture_output=True, text=True,
-                              timeout=30, check=True).stdout
+        line = subprocess.run(
+            ["scontrol", "show", "node", host, "-o"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
         node_addr = next(f.split("=", 1)[1] for f in line.split() if f.startswith("NodeAddr="))
         slurms = _addresses(node_addr)
     except (OSError, subprocess.SubprocessError, StopIteration) as e:
-        raise RendezvousError(f"rendezvous host {host} resolves to loopback ({', '.join(sorted(mine))}) on {here} "
-                              f"and SLURM's address for it is unknown ({e}); refusing to rendezvous on "
-                              "localhost") from None
+        raise RendezvousError(
+            f"rendezvous host {host} resolves to loopback ({', '.join(sorted(mine))}) on {here} "
+            f"and SLURM's address for it is unknown ({e}); refusing to rendezvous on "
+            "localhost"
+        ) from None
     if not mine & slurms:
-        raise RendezvousError(f"rendezvous host {host} resolves to {', '.join(sorted(mine))} on {here}, but SLURM "
-                              f"reaches it at {node_addr} ({', '.join(sorted(slurms))}): fix /etc/hosts or DNS "
-                              "on the compute nodes")
+        raise RendezvousError(
+            f"rendezvous host {host} resolves to {', '.join(sorted(mine))} on {here}, but SLURM "
+            f"reaches it at {node_addr} ({', '.join(sorted(slurms))}): fix /etc/hosts or DNS "
+            "on the compute nodes"
+        )
 
 
 class _Signals:
@@ -179,7 +193,7 @@ class NodeEntry:
         return f"NodeEntry({self.plan_path!r})"
 
     def torchrun_argv(self, plan, task: SlurmTask) -> list[str]:
-        from launcher.plan import torchrun_command  # noqa: PLC0415 (from the snapshot, like everything here)
+        from launcher.plan import torchrun_command  # noqa: PLC0415  (from the snapshot, like everything here)
 
         endpoint = rdzv_id = ""
         if plan.layout.nodes > 1:
@@ -187,23 +201,22 @@ class NodeEntry:
             check_rendezvous_host(host)
             endpoint = f"{host}:{rendezvous_port(task.job_id, task.restarts)}"
             rdzv_id = f"{task.job_id}-{task.restarts}"
-        argv = torchrun_command(plan, config_path=str(Path(plan.run.run_dir) / "config.json"), node_rank=task.procid,
-                                rdzv_endpoint=endpoint, rdzv_id=rdzv_id)
+        argv = torchrun_command(
+            plan, config_path=str(plan.run.dir.config), node_rank=task.procid, rdzv_endpoint=endpoint, rdzv_id=rdzv_id
+        )
         # torchrun is torch.distributed.run: run it with this interpreter, whatever PATH holds
         return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
 
     def __call__(self) -> dict:
-        from launcher.plan import Plan  # noqa: PLC0415
-        from telepathy.train import EXIT_PREEMPTED, PREEMPTED_FILE  # noqa: PLC0415 (torch-free at import)
+        from launcher.plan import Plan  # noqa: PLC0415  (from the snapshot, like everything here)
 
         plan = Plan.load(self.plan_path)
         task = SlurmTask.from_env()
         if task.nnodes != plan.layout.nodes:
             raise RuntimeError(f"the plan wants {plan.layout.nodes} node(s) but the job has {task.nnodes}")
-        run_dir = Path(plan.run.run_dir)
-        marker = run_dir / PREEMPTED_FILE
+        run_dir = plan.run.dir
         if task.procid == 0:
-            marker.unlink(missing_ok=True)  # from here on it can only mean "this attempt checkpointed"
+            run_dir.clear_preempted()  # from here on the marker can only mean "this attempt checkpointed"
         signals = _Signals()
         argv = self.torchrun_argv(plan, task)
         _log(task, f"attempt {task.restarts + 1} on {socket.gethostname()}, code {Path(__file__).resolve().parents[1]}")
@@ -213,11 +226,13 @@ class NodeEntry:
             _log(task, "torchrun finished")
             return {"state": "completed", "run_dir": str(run_dir), "attempt": task.restarts + 1}
         if not signals.usr2:
-            raise RuntimeError(f"torchrun exited with code {rc}; see the worker logs in {run_dir / 'logs'}")
-        if not _wait_for(marker.is_file, CHECKPOINT_WAIT_S):
-            raise RuntimeError(f"SIGUSR2 received and torchrun exited ({rc}), but no preemption checkpoint was "
-                               f"recorded ({marker} missing after {CHECKPOINT_WAIT_S} s): not requeueing")
-        step = json.loads(marker.read_text()).get("step")
+            raise RuntimeError(f"torchrun exited with code {rc}; see the worker logs in {run_dir.logs}")
+        if not _wait_for(lambda: run_dir.preempted_step() is not None, CHECKPOINT_WAIT_S):
+            raise RuntimeError(
+                f"SIGUSR2 received and torchrun exited ({rc}), but no preemption checkpoint was "
+                f"recorded ({run_dir.preempted} missing after {CHECKPOINT_WAIT_S} s): not requeueing"
+            )
+        step = run_dir.preempted_step()
         if task.procid != 0:
             _log(task, f"checkpoint at step {step} is written; waiting for the requeue")
             _wait_for(lambda: signals.term, REQUEUE_WAIT_S)
@@ -228,21 +243,26 @@ class NodeEntry:
     @staticmethod
     def _requeue(task: SlurmTask, max_requeues: int, step: int | None) -> None:
         if task.restarts >= max_requeues:
-            _log(task, f"checkpoint at step {step} written; NOT requeued: already requeued {task.restarts} time(s) "
-                       f"(max_requeues={max_requeues}). Continue with `launch resubmit`.")
+            _log(
+                task,
+                f"checkpoint at step {step} written; NOT requeued: already requeued {task.restarts} time(s) "
+                f"(max_requeues={max_requeues}). Continue with `launch resubmit`.",
+            )
             return
         # Said first: a successful requeue ends this job step, often before scontrol itself returns.
         _log(task, f"checkpoint at step {step} written; requeueing ({task.restarts + 1}/{max_requeues})")
         try:
-            subprocess.run(["scontrol", "requeue", task.requeue_id], check=True, timeout=60, capture_output=True,
-                           text=True)
+            subprocess.run(
+                ["scontrol", "requeue", task.requeue_id], check=True, timeout=60, capture_output=True, text=True
+            )
         except subprocess.CalledProcessError as e:
             if e.returncode < 0:  # killed by the requeue it asked for
                 return
-            _log(task, f"`scontrol requeue {task.requeue_id}` failed ({e.stderr.strip()}). "
-                       "Continue with `launch resubmit`.")
+            _log(
+                task,
+                f"`scontrol requeue {task.requeue_id}` failed ({e.stderr.strip()}). Continue with `launch resubmit`.",
+            )
             return
         except (OSError, subprocess.TimeoutExpired) as e:
-            _log(task, f"scontrol unusable here ({e}). "
-                       "Continue with `launch resubmit`.")
+            _log(task, f"scontrol unusable here ({e}). Continue with `launch resubmit`.")
             return

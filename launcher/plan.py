@@ -7,18 +7,24 @@ folder, and read back by the node entry, so what is shown is what runs.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.profiles import ClusterProfile
+from launcher.flags import LaunchRequest
+from launcher.profiles import ClusterProfile, load_profile
+from launcher.runs import check_name, default_name, runs_root
+from launcher.sweep import PAIR_KEY, expand_sweep
 from launcher.table import TableRow, find_row, load_table
 from telepathy import memory
-from telepathy.config import RunConfig, TrainConfig, atomic_write_text
+from telepathy.config import DataConfig, RunConfig, TrainConfig
+from telepathy.data import load_spec
 from telepathy.errors import UserError
-from telepathy.registry import Pair
+from telepathy.files import atomic_write_json, read_json
+from telepathy.registry import Pair, load_registry
+from telepathy.shape import StepShape
 
 MODES = ("slurm", "local", "debug")
 # Without a table row or --global-batch, keep the original's Table-1 batch (16 on one GPU).
@@ -59,25 +65,49 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "run": self.run.to_dict(), "mode": self.mode, "device": self.device,
+            "run": self.run.to_dict(),
+            "mode": self.mode,
+            "device": self.device,
             "layout": {**dataclasses.asdict(self.layout), "world_size": self.layout.world_size},
             "batch": {**dataclasses.asdict(self.batch), "notes": list(self.batch.notes)},
-            "profile": self.profile.to_dict(), "memory": self.memory,
+            "profile": self.profile.to_dict(),
+            "memory": self.memory,
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
         layout = {k: v for k, v in d["layout"].items() if k != "world_size"}
-        return cls(run=RunConfig.from_dict(d["run"]), mode=d["mode"], device=d["device"], layout=Layout(**layout),
-                   batch=BatchPlan(**{**d["batch"], "notes": tuple(d["batch"]["notes"])}),
-                   profile=ClusterProfile.from_dict(d["profile"]), memory=d["memory"])
+        return cls(
+            run=RunConfig.from_dict(d["run"]),
+            mode=d["mode"],
+            device=d["device"],
+            layout=Layout(**layout),
+            batch=BatchPlan(**{**d["batch"], "notes": tuple(d["batch"]["notes"])}),
+            profile=ClusterProfile.from_dict(d["profile"]),
+            memory=d["memory"],
+        )
+
+    @property
+    def shape(self) -> StepShape:
+        """The step this plan trains, per GPU."""
+        return StepShape.of(
+            self.run, load_registry().pair(sender=self.run.sender, receiver=self.run.receiver), self.layout.world_size
+        )
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_json(path, self.to_dict())
+
+    def write(self) -> None:
+        """The run folder's config.json (what the worker reads) and plan.json (what the launcher decided)."""
+        self.run.save(self.run.dir.config)
+        self.save(self.run.dir.plan)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    def load(cls, path: str | Path) -> Plan:
+        d = read_json(path, "plan")
+        if d is None:
+            raise UserError(f"plan {path} not found; is this a run folder `launch` wrote?")
+        return cls.from_dict(d)
 
 
 def layout_for(gpus: int, profile: ClusterProfile, mode: str) -> Layout:
@@ -89,8 +119,10 @@ def layout_for(gpus: int, profile: ClusterProfile, mode: str) -> Layout:
         return Layout(1, gpus)
     g = profile.gpus_per_node
     if gpus % g:
-        raise UserError(f"--gpus {gpus} cannot be laid out on {g}-GPU nodes of profile '{profile.name}'; "
-                        f"use 1-{g} GPUs on one node or a multiple of {g} ({g * 2}, {g * 3}, ...)")
+        raise UserError(
+            f"--gpus {gpus} cannot be laid out on {g}-GPU nodes of profile '{profile.name}'; "
+            f"use 1-{g} GPUs on one node or a multiple of {g} ({g * 2}, {g * 3}, ...)"
+        )
     return Layout(gpus // g, g)
 
 
@@ -106,83 +138,177 @@ def choose_batch(target: int, max_micro: int, world: int) -> tuple[int, int, int
 _MEMO: dict = {}
 
 
-def _memo(fn, pair: Pair, **knobs):
+def _memo(fn, shape: StepShape, *args):
     """Memory-model calls repeat across sweep tasks that differ only in seed or lr: compute each once."""
-    key = (fn.__name__, pair.sender.source, pair.receiver.source, tuple(sorted(knobs.items())))
+    key = (fn.__name__, repr(shape), args)
     if key not in _MEMO:
-        _MEMO[key] = fn(pair, **knobs)
+        _MEMO[key] = fn(shape, *args)
     return _MEMO[key]
 
 
-def make_plan(pair: Pair, run: RunConfig, *, gpus: int, profile: ClusterProfile, mode: str,
-              global_batch: int | None = None, micro_batch: int | None = None,
-              table: list[TableRow] | None = None) -> Plan:
+def make_plan(
+    pair: Pair,
+    run: RunConfig,
+    *,
+    gpus: int,
+    profile: ClusterProfile,
+    mode: str,
+    global_batch: int | None = None,
+    micro_batch: int | None = None,
+    table: list[TableRow] | None = None,
+) -> Plan:
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
     layout = layout_for(gpus, profile, mode)
     world = layout.world_size
-    knobs = dict(backend=run.backend, world_size=world, seq_len=run.data.max_length, answer_len=run.data.answer_length,
-                 bridge=run.bridge, zero_stage=run.train.zero_stage, bridge_dtype=run.train.bridge_dtype,
-                 activation_checkpointing=run.train.activation_checkpointing, sender_cache=run.train.sender_cache)
+    shape = StepShape.of(run, pair, world)
     gpu_gb = profile.gpu_memory_gb
-    if not _memo(memory.weights_fit, pair, backend=run.backend, world_size=world, gpu_memory_gb=gpu_gb,
-                 bridge=run.bridge, sender_cache=run.train.sender_cache):
-        w = _memo(memory.estimate, pair, micro_batch=1, **knobs).components["frozen_weights"]
+    if not _memo(memory.weights_fit, shape, gpu_gb):
+        w = _memo(memory.frozen_weights_gib, shape)
         fix = "use --backend fsdp with more GPUs" if run.backend != "fsdp" else "use more GPUs"
-        raise UserError(f"{pair.name}: frozen weights alone need {w:.1f} GiB per GPU under {run.backend} on {world} GPU(s), "
-                        f"more than the {gpu_gb:g} GB GPU; {fix}, or a GPU with more memory")
-    fits = _memo(memory.max_micro_batch, pair, gpu_memory_gb=gpu_gb, **knobs)
+        raise UserError(
+            f"{pair.name}: frozen weights alone need {w:.1f} GiB per GPU under {run.backend} on {world} GPU(s), "
+            f"more than the {gpu_gb:g} GB GPU; {fix}, or a GPU with more memory"
+        )
+    fits = _memo(memory.max_micro_batch, shape, gpu_gb)
     if fits < 1:
-        raise UserError(f"{pair.name}: not even micro-batch 1 fits a {gpu_gb:g} GB GPU under {run.backend} at sequence "
-                        f"length {run.data.max_length}; shorten --max-length, use --backend fsdp, or more GPUs")
+        raise UserError(
+            f"{pair.name}: not even micro-batch 1 fits a {gpu_gb:g} GB GPU under {run.backend} at sequence "
+            f"length {run.data.max_length}; shorten --max-length, use --backend fsdp, or more GPUs"
+        )
     rows = load_table() if table is None else table
     row = find_row(rows, pair, seq_len=run.data.max_length, backend=run.backend, gpu_memory_gb=gpu_gb)
     notes: list[str] = []
     if micro_batch is not None:
         source, max_micro = "flag", micro_batch
         if micro_batch > fits:
-            notes.append(f"--micro-batch {micro_batch} is above the {fits} the memory model fits on {gpu_gb:g} GB: expect OOM")
+            notes.append(
+                f"--micro-batch {micro_batch} is above the {fits} the memory model fits on {gpu_gb:g} GB: expect OOM"
+            )
     elif row is not None:
         source, max_micro = "table", row.micro_batch
         # Judge the row at its own sequence length: that is the claim the table makes.
-        at_row = {**knobs, "seq_len": row.seq_len}
-        est_row = _memo(memory.estimate, pair, micro_batch=row.micro_batch, **at_row).total_gib
-        fits_row = _memo(memory.max_micro_batch, pair, gpu_memory_gb=gpu_gb, **at_row)
+        at_row = shape.replace(seq_len=row.seq_len)
+        est_row = _memo(memory.estimate, at_row, row.micro_batch).total_gib
+        fits_row = _memo(memory.max_micro_batch, at_row, gpu_gb)
         if row.micro_batch > fits_row:
-            notes.append(f"table row micro-batch {row.micro_batch} does not fit by the memory model at seq {row.seq_len} "
-                         f"({est_row:.1f} GiB; largest {fits_row})")
+            notes.append(
+                f"table row micro-batch {row.micro_batch} does not fit by the memory model at seq {row.seq_len} "
+                f"({est_row:.1f} GiB; largest {fits_row})"
+            )
         if est_row < 0.5 * memory.gpu_gib(gpu_gb):
-            notes.append(f"table row (micro-batch {row.micro_batch} at seq {row.seq_len}) uses {est_row:.1f} GiB of the "
-                         f"{gpu_gb:g} GB GPU by the memory model, under half: it fits micro-batch {fits_row} there")
+            notes.append(
+                f"table row (micro-batch {row.micro_batch} at seq {row.seq_len}) uses {est_row:.1f} GiB of the "
+                f"{gpu_gb:g} GB GPU by the memory model, under half: it fits micro-batch {fits_row} there"
+            )
     else:
         source, max_micro = "estimate", fits
-        notes.append(f"no table row for {pair.name} at seq {run.data.max_length}, {run.backend}, {gpu_gb:g} GB: "
-                     f"micro-batch from the memory model")
+        notes.append(
+            f"no table row for {pair.name} at seq {run.data.max_length}, {run.backend}, {gpu_gb:g} GB: "
+            f"micro-batch from the memory model"
+        )
     target = global_batch or (row.effective_batch if row is not None and source == "table" else DEFAULT_GLOBAL_BATCH)
-    if global_batch is not None and global_batch < 1:
-        raise UserError(f"--global-batch must be >= 1 (got {global_batch})")
     micro, accum, glob = choose_batch(target, max_micro, world)
     if glob != target:
-        why = (f"{world} GPUs x at least 1 sample" if glob > target and micro == 1 and accum == 1
-               else f"micro-batch {micro} x accumulation {accum} x {world} GPUs")
+        why = (
+            f"{world} GPUs x at least 1 sample"
+            if glob > target and micro == 1 and accum == 1
+            else f"micro-batch {micro} x accumulation {accum} x {world} GPUs"
+        )
         notes.append(f"global batch {glob} instead of the target {target} ({why})")
-    est = _memo(memory.estimate, pair, micro_batch=micro, **knobs)
+    est = _memo(memory.estimate, shape, micro)
     batch = BatchPlan(micro, accum, glob, target, source, row.to_dict() if row else None, fits, tuple(notes))
     run = run.replace(train={"micro_batch": micro, "grad_accum": accum}, predicted_peak_gib=round(est.total_gib, 3))
     device = profile.device if mode == "slurm" else "auto"
     return Plan(run=run, mode=mode, layout=layout, batch=batch, profile=profile, memory=est.to_dict(), device=device)
 
 
-def torchrun_command(plan: Plan, *, config_path: str, node_rank: int | str = 0, rdzv_endpoint: str = "",
-                     rdzv_id: str = "") -> list[str]:
+# ------------------------------------------------------------------------------------ from a request
+
+
+@functools.lru_cache(maxsize=64)
+def task_max_length(task: str) -> int:
+    """Fail at planning, not on a compute node: the task must exist. Its spec's usual sender length
+    (e.g. AG News 256) is the default --max-length; data files use DataConfig's."""
+    if task.endswith((".jsonl", ".csv")):
+        if not Path(task).is_file():
+            raise UserError(f"task file {task} not found; pass an existing .jsonl/.csv file or a task name")
+        return DataConfig.max_length
+    return load_spec(task).max_length or DataConfig.max_length
+
+
+def run_config(
+    request: LaunchRequest, pair: Pair, run_dir: Path, name: str, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """The RunConfig a request (plus one sweep task's overrides) asks for; defaults from telepathy/config.py."""
+    sections = {k: dict(v) for k, v in request.overrides.items()}
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            sections.setdefault(key, {}).update(value)
+    if request.mode == "debug":  # a few steps to see everything run end to end
+        sections.setdefault("train", {}).setdefault("steps", 20)
+        sections.setdefault("data", {}).setdefault("eval_samples", 32)
+    cfg = RunConfig(
+        sender=pair.sender.source if pair.sender.path else pair.sender.alias,
+        receiver=pair.receiver.source if pair.receiver.path else pair.receiver.alias,
+        run_dir=str(run_dir),
+        backend=request.backend,
+        name=name,
+    ).replace(**sections)
+    if "max_length" not in sections.get("data", {}):
+        cfg = cfg.replace(data={"max_length": task_max_length(cfg.data.task)})
+    return cfg
+
+
+def build_plans(request: LaunchRequest) -> tuple[list[Plan], Path | None]:
+    """One plan, or one per sweep task (sharing a sweep folder, returned second)."""
+    reg = load_registry()
+    profile = load_profile(request.cluster, request.profile_overrides)
+    root = runs_root(request.runs_dir)
+    table = load_table()  # once, not per sweep task
+
+    def plan_for(pair: Pair, run_dir: Path, name: str, overrides: dict | None = None) -> Plan:
+        cfg = run_config(request, pair, run_dir, name, overrides)
+        return make_plan(
+            pair,
+            cfg,
+            gpus=request.gpus,
+            profile=profile,
+            mode=request.mode,
+            global_batch=request.global_batch,
+            micro_batch=request.micro_batch,
+            table=table,
+        )
+
+    pair = reg.pair(request.pair, request.sender, request.receiver)
+    task = request.overrides.get("data", {}).get("task", DataConfig.task)
+    name = check_name(request.name) if request.name else default_name(pair.name, task)
+    if not request.sweep:
+        return [plan_for(pair, root / name, name)], None
+    sweep_dir = root / name
+    plans = []
+    for task_name, spec in expand_sweep(list(request.sweep)):
+        task_pair = reg.pair(spec.pop(PAIR_KEY)) if PAIR_KEY in spec else pair
+        plans.append(plan_for(task_pair, sweep_dir / task_name, f"{name}.{task_name}", spec))
+    return plans, sweep_dir
+
+
+def torchrun_command(
+    plan: Plan, *, config_path: str, node_rank: int | str = 0, rdzv_endpoint: str = "", rdzv_id: str = ""
+) -> list[str]:
     """The torchrun argv for one node. One node: --standalone. Several: c10d rendezvous on the first node."""
     lay = plan.layout
     argv = ["torchrun"]
     if lay.nodes == 1:
-        argv += ["--standalone", f"--nnodes=1"]
+        argv += ["--standalone", "--nnodes=1"]
     else:
         if not rdzv_endpoint:
             raise ValueError("multi-node torchrun needs the first node's address as rdzv_endpoint")
-        argv += [f"--nnodes={lay.nodes}", f"--node_rank={node_rank}", "--rdzv_backend=c10d",
-                 f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
+        argv += [
+            f"--nnodes={lay.nodes}",
+            f"--node_rank={node_rank}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={rdzv_endpoint}",
+            f"--rdzv_id={rdzv_id}",
+        ]
     return argv + [f"--nproc_per_node={lay.gpus_per_node}", "-m", "telepathy.train", "--config", config_path]

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from telepathy.errors import UserError
 from telepathy.paths import configs_dir, read_yaml
 
@@ -40,8 +39,14 @@ class ClusterProfile:
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        for k in ("gpus_per_node", "gpu_memory_gb", "time_limit_min", "cpus_per_gpu", "max_array_size",
-                  "array_parallelism"):
+        for k in (
+            "gpus_per_node",
+            "gpu_memory_gb",
+            "time_limit_min",
+            "cpus_per_gpu",
+            "max_array_size",
+            "array_parallelism",
+        ):
             if getattr(self, k) <= 0:
                 raise UserError(f"cluster profile '{self.name}': {k} must be positive (got {getattr(self, k)})")
         if self.device not in ("cuda", "cpu"):
@@ -53,7 +58,7 @@ class ClusterProfile:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClusterProfile":
+    def from_dict(cls, d: dict[str, Any]) -> ClusterProfile:
         return cls(**{**d, "setup": tuple(d.get("setup") or ()), "env": dict(d.get("env") or {})})
 
 
@@ -77,7 +82,11 @@ def env_var(name: str) -> str:
 def add_profile_flags(parser) -> None:
     """One `--<field>` flag per overridable profile field (e.g. --account, --time-limit-min)."""
     group = parser.add_argument_group("cluster profile overrides (also TELEPATHY_<FIELD> env vars)")
-    group.add_argument("--cluster", default=None, help=f"profile in configs/clusters/ (default {DEFAULT_PROFILE}; env TELEPATHY_CLUSTER)")
+    group.add_argument(
+        "--cluster",
+        default=None,
+        help=f"profile in configs/clusters/ (default {DEFAULT_PROFILE}; env TELEPATHY_CLUSTER)",
+    )
     for name in OVERRIDABLE:
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"profile_{name}", default=None, metavar="V")
 
@@ -86,8 +95,9 @@ def profile_names() -> list[str]:
     return sorted(p.stem for p in (configs_dir() / "clusters").glob("*.yaml"))
 
 
-def load_profile(name: str | None = None, overrides: dict[str, str | None] | None = None,
-                 environ: dict[str, str] | None = None) -> ClusterProfile:
+def load_profile(
+    name: str | None = None, overrides: dict[str, str | None] | None = None, environ: dict[str, str] | None = None
+) -> ClusterProfile:
     environ = os.environ if environ is None else environ
     name = name or environ.get("TELEPATHY_CLUSTER") or DEFAULT_PROFILE
     path = Path(name) if name.endswith((".yaml", ".yml")) else configs_dir() / "clusters" / f"{name}.yaml"
@@ -99,7 +109,9 @@ def load_profile(name: str | None = None, overrides: dict[str, str | None] | Non
     known = {f.name for f in dataclasses.fields(ClusterProfile)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise UserError(f"cluster profile {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise UserError(
+            f"cluster profile {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     values: dict[str, Any] = dict(raw)
     values.setdefault("name", path.stem)
     sources = [(environ.get(env_var(k)), env_var(k)) for k in OVERRIDABLE]

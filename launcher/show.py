@@ -15,9 +15,11 @@ def plan_table(plan: Plan) -> str:
     run, lay, b, prof, mem = plan.run, plan.layout, plan.batch, plan.profile, plan.memory
     row = b.table_row
     if row:
-        source = (f"table row {row['sender']}-{row['receiver'] or '(single)'}: micro {row['micro_batch']} x accum "
-                  f"{row['grad_accum']} = {row['effective_batch']} @ seq {row['seq_len']}, {row['gpu_memory_gb']} GB "
-                  f"({row['provenance']})")
+        source = (
+            f"table row {row['sender']}-{row['receiver'] or '(single)'}: micro {row['micro_batch']} x accum "
+            f"{row['grad_accum']} = {row['effective_batch']} @ seq {row['seq_len']}, {row['gpu_memory_gb']} GB "
+            f"({row['provenance']})"
+        )
     else:
         source = {"estimate": "memory model (no table row)", "flag": "--micro-batch"}.get(b.source, b.source)
     comps = ", ".join(f"{k} {v:.1f}" for k, v in mem["components"].items())
@@ -32,7 +34,10 @@ def plan_table(plan: Plan) -> str:
         ("grad accum", str(b.grad_accum)),
         ("global batch", f"{b.global_batch} (target {b.target_global_batch})"),
         ("memory / GPU", f"{mem['total_gib']:.1f} GiB estimated at micro-batch {b.micro_batch} ({comps})"),
-        ("task", f"{run.data.task}, sender max {run.data.max_length} tokens, {run.train.steps} steps, lr {run.train.lr:g}"),
+        (
+            "task",
+            f"{run.data.task}, sender max {run.data.max_length} tokens, {run.train.steps} steps, lr {run.train.lr:g}",
+        ),
         ("bridge", f"K={run.bridge.soft_tokens}, depth {run.bridge.depth}, heads {run.bridge.heads}"),
     ]
     out = kv_table("plan", rows)

@@ -19,25 +19,25 @@ import json
 import re
 import shlex
 import shutil
-import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from submitit import SlurmExecutor
 
-from launcher.jobs import JOBS_FILE, SLURM_DIR, JobRecord, TaskRecord, is_active, now, sacct
+from launcher import slurm
+from launcher.jobs import JobRecord
 from launcher.plan import Plan
-from launcher.sweep import chunks, is_complete
 from telepathy.errors import UserError
 from telepathy.paths import REPO_ROOT, configs_dir
+from telepathy.rundir import RunDir
+from telepathy.secrets import is_secret_name
 
-CODE_DIR = "code"  # ROOT/code/<n>: the code snapshot of submission n
 CODE_PACKAGES = ("launcher", "telepathy")
 # #SBATCH lines end at a newline, SLURM expands % in paths, and sbatch drops backslashes even in quotes
 _UNSAFE_IN_SCRIPT = re.compile(r"[\x00-\x1f\x7f%\\]")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL", re.IGNORECASE)
 
 
 class _Executor(SlurmExecutor):
@@ -67,8 +67,13 @@ class SubmitResult:
             lines = [f"nothing to submit in {self.root}"]
         else:
             jobs = ", ".join(self.job_ids)
-            lines = [f"submitted {len(self.submitted)} task(s) as SLURM job {jobs}" if self.kind == "sweep"
-                     else f"submitted SLURM job {jobs}", f"  folder: {self.root}", f"  code snapshot: {self.code_dir}"]
+            lines = [
+                f"submitted {len(self.submitted)} task(s) as SLURM job {jobs}"
+                if self.kind == "sweep"
+                else f"submitted SLURM job {jobs}",
+                f"  folder: {self.root}",
+                f"  code snapshot: {self.code_dir}",
+            ]
         if self.skipped_complete:
             lines.append(f"  skipped {len(self.skipped_complete)} completed task(s)")
         if self.skipped_active:
@@ -78,52 +83,36 @@ class SubmitResult:
         return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ availability
-
-
-def slurm_available(timeout: float = 5.0) -> bool:
-    """sbatch and srun on PATH and the controller answers `scontrol ping` (bounded: never hangs)."""
-    if not all(shutil.which(tool) for tool in ("sbatch", "srun", "scontrol")):
-        return False
-    try:
-        out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and " is UP" in out.stdout
-
-
-def controller_max_array_size(timeout: float = 3.0) -> int | None:
-    """MaxArraySize of the running controller (None where SLURM is absent)."""
-    try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=timeout).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.MULTILINE)
-    return int(m.group(1)) if m else None
-
-
 # ------------------------------------------------------------------------------------------ the script
 
 
 def _check_script_safe(what: str, text: str) -> None:
     if _UNSAFE_IN_SCRIPT.search(text):
-        raise UserError(f"{what} {text!r} contains a control character, '%' or a backslash, which cannot go into "
-                        "an sbatch script (SLURM expands % in paths and drops backslashes); choose another")
+        raise UserError(
+            f"{what} {text!r} contains a control character, '%' or a backslash, which cannot go into "
+            "an sbatch script (SLURM expands % in paths and drops backslashes); choose another"
+        )
 
 
 def job_env(plan: Plan, code_dir: Path) -> dict[str, str]:
     """The variables the script exports (besides PYTHONPATH): the defaults, then the profile's `env`."""
     prof = plan.profile
-    env = {"PYTHONUNBUFFERED": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
-           "OMP_NUM_THREADS": str(prof.cpus_per_gpu), "TELEPATHY_CONFIGS": str(code_dir / "configs")}
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "OMP_NUM_THREADS": str(prof.cpus_per_gpu),
+        "TELEPATHY_CONFIGS": str(code_dir / "configs"),
+    }
     if prof.hf_home:
         env["HF_HOME"] = prof.hf_home
     for key, value in prof.env.items():
         if not _ENV_NAME.match(str(key)):
             raise UserError(f"cluster profile '{prof.name}': env name {key!r} is not a valid variable name")
-        if _SECRET_NAME.search(str(key)):
-            raise UserError(f"cluster profile '{prof.name}': {key} looks like a secret and would be written into "
-                            "the job script; remove it and export it in your shell (sbatch passes it to the job)")
+        if is_secret_name(str(key)):
+            raise UserError(
+                f"cluster profile '{prof.name}': {key} looks like a secret and would be written into "
+                "the job script; remove it and export it in your shell (sbatch passes it to the job)"
+            )
         env[str(key)] = str(value)
     return env
 
@@ -132,12 +121,14 @@ def _header(plans: Sequence[Plan]) -> list[str]:
     """Comment lines saying what the job runs and why its batch is what it is (values JSON-escaped)."""
     p = plans[0]
     b, lay = p.batch, p.layout
-    lines = [f"# telepathy: {json.dumps(p.run.sender)} -> {json.dumps(p.run.receiver)}, {lay.nodes} node(s) x "
-             f"{lay.gpus_per_node} GPU(s), backend {p.run.backend}, device {p.device}",
-             f"# batch: micro {b.micro_batch} x accum {b.grad_accum} x {lay.world_size} = {b.global_batch} "
-             f"(source: {b.source}); predicted peak {p.memory.get('total_gib', 0):.2f} GiB per GPU"]
+    lines = [
+        f"# telepathy: {json.dumps(p.run.sender)} -> {json.dumps(p.run.receiver)}, {lay.nodes} node(s) x "
+        f"{lay.gpus_per_node} GPU(s), backend {p.run.backend}, device {p.device}",
+        f"# batch: micro {b.micro_batch} x accum {b.grad_accum} x {lay.world_size} = {b.global_batch} "
+        f"(source: {b.source}); predicted peak {p.memory.get('total_gib', 0):.2f} GiB per GPU",
+    ]
     if len(plans) > 1:
-        lines.append(f"# {len(plans)} array tasks; each task's config.json and plan.json are in its run folder")
+        lines.append(f"# {len(plans)} array tasks; each task's run configuration and plan are in its run folder")
     return lines
 
 
@@ -147,8 +138,10 @@ def slurm_parameters(plans: Sequence[Plan], *, name: str, code_dir: Path) -> dic
     prof, lay = p.profile, p.layout
     for other in plans[1:]:
         if other.layout != lay or other.profile != prof:
-            raise UserError("all tasks of a sweep must use the same nodes, GPUs and cluster profile; "
-                            "split the sweep by --gpus or cluster")
+            raise UserError(
+                "all tasks of a sweep must use the same nodes, GPUs and cluster profile; "
+                "split the sweep by --gpus or cluster"
+            )
     if any(q.mode != "slurm" for q in plans):
         raise ValueError("submit_slurm takes plans made for mode 'slurm'")
     _check_script_safe("code folder", str(code_dir))
@@ -164,11 +157,17 @@ def slurm_parameters(plans: Sequence[Plan], *, name: str, code_dir: Path) -> dic
 
     params: dict[str, Any] = {
         "job_name": re.sub(r"[^A-Za-z0-9._+=-]", "_", name)[:128] or "telepathy",
-        "time": prof.time_limit_min, "nodes": lay.nodes, "ntasks_per_node": 1, "gpus_per_node": lay.gpus_per_node,
+        "time": prof.time_limit_min,
+        "nodes": lay.nodes,
+        "ntasks_per_node": 1,
+        "gpus_per_node": lay.gpus_per_node,
         "cpus_per_task": prof.cpus_per_gpu * lay.gpus_per_node,
         "mem": _convert_mem(prof.mem_per_gpu_gb * lay.gpus_per_node),
-        "signal_delay_s": prof.signal_delay_s, "array_parallelism": prof.array_parallelism,
-        "setup": setup, "srun_args": ["--kill-on-bad-exit=1"], "stderr_to_stdout": True,
+        "signal_delay_s": prof.signal_delay_s,
+        "array_parallelism": prof.array_parallelism,
+        "setup": setup,
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "stderr_to_stdout": True,
         "wckey": None,  # submitit's default wckey "submitit" fails where wckeys are enforced
         "additional_parameters": {"requeue": True},
     }
@@ -179,7 +178,7 @@ def slurm_parameters(plans: Sequence[Plan], *, name: str, code_dir: Path) -> dic
 
 
 def _executor(root: Path, params: dict[str, Any]) -> _Executor:
-    ex = _Executor(folder=root / SLURM_DIR)
+    ex = _Executor(folder=RunDir(root).slurm)
     ex.update_parameters(**params)
     return ex
 
@@ -192,7 +191,14 @@ def _script(root: Path, params: dict[str, Any], n_tasks: int) -> str:
     return ex._make_submission_file_text(ex._submitit_command_str, "")
 
 
-# ------------------------------------------------------------------------------------------ bookkeeping
+# ------------------------------------------------------------------------------------------ submitting
+
+
+def chunks(n: int, max_array_size: int) -> list[range]:
+    """Task indices per array job: SLURM array indices must stay below MaxArraySize."""
+    if max_array_size < 1:
+        raise ValueError(f"max_array_size must be >= 1 (got {max_array_size})")
+    return [range(i, min(i + max_array_size, n)) for i in range(0, n, max_array_size)]
 
 
 def _root_and_kind(plans: Sequence[Plan], sweep_dir: str | Path | None) -> tuple[Path, str]:
@@ -205,45 +211,13 @@ def _root_and_kind(plans: Sequence[Plan], sweep_dir: str | Path | None) -> tuple
     return Path(plans[0].run.run_dir).absolute(), "run"
 
 
-def _record_for(plans: Sequence[Plan], root: Path, kind: str) -> JobRecord:
-    """The root's record: new, or from an earlier submission of the same run or sweep. A task folder that
-    already holds a different configuration is an error: its checkpoints belong to that configuration."""
-    for p in plans:
-        path = Path(p.run.run_dir) / "config.json"
-        if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(p.run.to_dict())):
-            raise UserError(f"{path.parent} already holds a run with another configuration; choose another --name "
-                            "(or `launch resubmit` to continue that run)")
-    run_dirs = [str(Path(p.run.run_dir).absolute()) for p in plans]
-    if not (root / JOBS_FILE).exists():
-        names = [Path(d).name if kind == "sweep" else p.run.name for d, p in zip(run_dirs, plans)]
-        tasks = [TaskRecord(i, n, d) for i, (n, d) in enumerate(zip(names, run_dirs))]
-        return JobRecord(root=str(root), kind=kind, tasks=tasks)
-    record = JobRecord.load(root)
-    if record.kind != kind or [t.run_dir for t in record.tasks] != run_dirs:
-        raise UserError(f"{root} already holds a different {record.kind} ({len(record.tasks)} task(s)); "
-                        "choose another --name")
-    return record
-
-
-def _select(record: JobRecord, indices: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
-    """(to submit, complete, still queued or running) among the given task indices; one SLURM query."""
-    tasks = [record.tasks[i] for i in indices]
-    complete = [t.index for t in tasks if is_complete(t.run_dir)]
-    open_ = [t for t in tasks if t.index not in complete]
-    states = sacct([t.job_id for t in open_ if t.job_id])
-    active = [t.index for t in open_ if t.job_id and is_active(states.get(t.job_id, {}).get("State", ""))]
-    todo = [t.index for t in open_ if t.index not in active]
-    return todo, complete, active
-
-
-def _next_code_dir(root: Path) -> Path:
-    existing = [int(p.name) for p in (root / CODE_DIR).glob("*") if p.name.isdigit()]
-    return root / CODE_DIR / str(max(existing, default=0) + 1)
+def _job_name(record: JobRecord, plans: Sequence[Plan]) -> str:
+    return record.dir.path.name if record.kind == "sweep" else plans[0].run.name
 
 
 def snapshot_code(dest: Path) -> Path:
     """Copy launcher/, telepathy/ and the configs in use into dest (atomically: a half copy never runs)."""
-    from telepathy.manifest import record_code_version  # noqa: PLC0415
+    from telepathy.manifest import record_code_version  # noqa: PLC0415  (git only when submitting)
 
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -257,11 +231,8 @@ def snapshot_code(dest: Path) -> Path:
 
 
 def _max_array(plan: Plan) -> int:
-    ctl = controller_max_array_size()
+    ctl = slurm.controller_max_array_size()
     return min(plan.profile.max_array_size, ctl) if ctl else plan.profile.max_array_size
-
-
-# ------------------------------------------------------------------------------------------ public API
 
 
 def render_sbatch(plans: Plan | Sequence[Plan], *, sweep_dir: str | Path | None = None) -> str:
@@ -270,37 +241,33 @@ def render_sbatch(plans: Plan | Sequence[Plan], *, sweep_dir: str | Path | None 
     plans = [plans] if isinstance(plans, Plan) else list(plans)
     root, kind = _root_and_kind(plans, sweep_dir)
     n = len(plans)
-    if (root / JOBS_FILE).exists():  # submitting again: only what is left runs
+    if RunDir(root).jobs.exists():  # submitting again: only what is left runs
         try:
-            n = len(_select(_record_for(plans, root, kind), range(len(plans)))[0]) or n
+            n = len(JobRecord.for_plans(plans, root, kind).triage()[0]) or n
         except UserError:
             pass  # no SLURM here to ask: show every task
     if kind == "sweep":
         n = min(n, _max_array(plans[0]))
-    params = slurm_parameters(plans, name=root.name if kind == "sweep" else plans[0].run.name,
-                              code_dir=_next_code_dir(root))
-    return _script(root, params, n)
+    name = root.name if kind == "sweep" else plans[0].run.name
+    return _script(root, slurm_parameters(plans, name=name, code_dir=RunDir(root).next_code_snapshot()), n)
 
 
 def submit_slurm(plans: Sequence[Plan], *, sweep_dir: str | Path | None = None) -> SubmitResult:
     """Submit one run (one job) or a sweep (one array job, chunked over MaxArraySize; the chunks run one
     after another so the array parallelism holds overall). Completed tasks and tasks still queued or
     running are skipped, so submitting the same sweep again only submits what is left."""
-    from launcher.rundir import write_run_files  # noqa: PLC0415
-
     plans = list(plans)
     root, kind = _root_and_kind(plans, sweep_dir)
-    record = _record_for(plans, root, kind)
-    todo, complete, active = _select(record, range(len(plans)))
+    record = JobRecord.for_plans(plans, root, kind)
+    todo, complete, active = record.triage()
     result = SubmitResult(str(root), kind, [], [], complete, active)
     if not todo:
         return result
     for i in todo:
-        run_dir = Path(plans[i].run.run_dir)
-        if not (run_dir / "plan.json").exists():
-            write_run_files(plans[i], run_dir)
-    code_dir = _next_code_dir(root)
-    params = slurm_parameters(plans, name=root.name if kind == "sweep" else plans[0].run.name, code_dir=code_dir)
+        if not plans[i].run.dir.plan.exists():
+            plans[i].write()
+    code_dir = record.dir.next_code_snapshot()
+    params = slurm_parameters(plans, name=_job_name(record, plans), code_dir=code_dir)
     snapshot_code(code_dir)
     result.job_ids, result.submitted = _submit(record, todo, params, code_dir), todo
     result.code_dir = str(code_dir)
@@ -310,31 +277,29 @@ def submit_slurm(plans: Sequence[Plan], *, sweep_dir: str | Path | None = None) 
 def resubmit(record: JobRecord, indices: list[int] | None = None) -> SubmitResult:
     """Submit again the tasks that are neither complete nor queued/running (failed, cancelled, out of
     requeues), on the code snapshot and plan of their last submission: they resume from their checkpoints."""
-    wanted = [t.index for t in record.select(indices)]
-    todo, complete, active = _select(record, wanted)
+    todo, complete, active = record.triage(indices)
     result = SubmitResult(record.root, record.kind, [], [], complete, active)
     if not todo:
         return result
-    plans = [Plan.load(Path(record.tasks[i].run_dir) / "plan.json") for i in todo]
-    last = next(s for s in reversed(record.submissions) if set(todo) & set(s["tasks"]))
-    code_dir = Path(last["code_dir"])
-    root = Path(record.root)
-    name = root.name if record.kind == "sweep" else plans[0].run.name
-    params = slurm_parameters(plans, name=name, code_dir=code_dir)
+    plans = [Plan.load(record.tasks[i].dir.plan) for i in todo]
+    code_dir = Path(record.last_submission(todo[0])["code_dir"])
+    params = slurm_parameters(plans, name=_job_name(record, plans), code_dir=code_dir)
     result.job_ids, result.submitted, result.code_dir = _submit(record, todo, params, code_dir), todo, str(code_dir)
     return result
 
 
 def _submit(record: JobRecord, todo: list[int], params: dict[str, Any], code_dir: Path) -> list[str]:
-    """Submit the tasks `todo` of the record (one job, or array jobs of at most MaxArraySize), record the
-    job ids, save the record. Returns the SLURM job id of each job or array."""
-    from launcher.node import NodeEntry  # noqa: PLC0415
+    """Submit the tasks `todo` of the record (one job, or array jobs of at most MaxArraySize) and record
+    the job ids. Returns the SLURM job id of each job or array."""
+    from launcher.node import NodeEntry  # noqa: PLC0415  (pickled by reference from the snapshot)
 
-    if not slurm_available():
-        raise UserError("SLURM is not reachable from here (sbatch/srun/scontrol missing or the controller is "
-                        "down); start the test cluster with slurm/up.sh or submit from a login node")
+    if not slurm.slurm_available():
+        raise UserError(
+            "SLURM is not reachable from here (sbatch/srun/scontrol missing or the controller is "
+            "down); start the test cluster with slurm/up.sh or submit from a login node"
+        )
     root = Path(record.root)
-    entries = [NodeEntry(str(Path(record.tasks[i].run_dir) / "plan.json")) for i in todo]
+    entries = [NodeEntry(str(record.tasks[i].dir.plan)) for i in todo]
     ex = _executor(root, params)
     max_array = _max_array(Plan.load(entries[0].plan_path))
     job_ids: list[str] = []
@@ -344,13 +309,13 @@ def _submit(record: JobRecord, todo: list[int], params: dict[str, Any], code_dir
         try:
             with ex.batch():
                 jobs = [ex.submit(entries[k]) for k in part]
-        except Exception as e:  # submitit raises FailedSubmissionError/CalledProcessError with sbatch's message
+        except Exception as e:  # noqa: BLE001  submitit raises FailedSubmissionError/CalledProcessError with sbatch's message
             raise UserError(f"sbatch refused the job: {str(e).strip().splitlines()[-1]}") from None
-        base = jobs[0].job_id.split("_")[0]
-        job_ids.append(base)
-        for k, job in zip(part, jobs):
-            record.tasks[todo[k]].jobs.append(job.job_id)
-        record.submissions.append({"job_id": base, "tasks": [todo[k] for k in part], "code_dir": str(code_dir),
-                                   "submitted_at": now(), "script": str(jobs[0].paths.submission_file)})
-        record.save()
+        job_ids.append(
+            record.record_submission(
+                {todo[k]: job.job_id for k, job in zip(part, jobs)},
+                code_dir=code_dir,
+                script=str(jobs[0].paths.submission_file),
+            )
+        )
     return job_ids

@@ -1,6 +1,6 @@
 """Sweeps: `--sweep seed=1,2,3 --sweep lr=1e-4,2e-4` -> one task per combination, array chunks, skip-done.
 
-Sweep keys are the training flags of `launch` (launcher.cmd_run.RUN_FLAGS, the one table of
+Sweep keys are the run flags of `launch` (launcher.flags.RUN_FLAGS, the one table of
 flag -> RunConfig field -> parser) plus `pair`; `soft_tokens` and `soft-tokens` are the same key.
 Values are parsed by the same functions as the flags, so a bad value fails here, before anything
 is written or submitted.
@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
-from pathlib import Path
 from typing import Any
 
+from launcher.flags import RUN_FLAGS
 from telepathy.errors import UserError
 
 PAIR_KEY = "pair"
@@ -23,8 +23,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9.+=-]+")  # task names become folder names and
 
 def sweep_keys() -> dict[str, tuple[str, str, Any]]:
     """Sweep key -> (RunConfig section, field, parser); the flags' table plus 'pair'."""
-    from launcher.cmd_run import RUN_FLAGS  # noqa: PLC0415 (the one table lives with the flags)
-
     return {**RUN_FLAGS, PAIR_KEY: ("", PAIR_KEY, str)}
 
 
@@ -86,17 +84,3 @@ def expand_sweep(specs: list[str]) -> list[tuple[str, dict[str, Any]]]:
                 overrides[field] = value
         tasks.append((task_name(index, point), overrides))
     return tasks
-
-
-def chunks(n: int, max_array_size: int) -> list[range]:
-    """Task indices per array job: SLURM array indices must stay below MaxArraySize."""
-    if max_array_size < 1:
-        raise ValueError(f"max_array_size must be >= 1 (got {max_array_size})")
-    return [range(i, min(i + max_array_size, n)) for i in range(0, n, max_array_size)]
-
-
-def is_complete(run_dir: str | Path) -> bool:
-    """A run is complete once its evaluation file exists (the trainer writes it last, atomically)."""
-    from telepathy.train import EVAL_FILE  # noqa: PLC0415 (torch-free module; imported where used)
-
-    return (Path(run_dir) / EVAL_FILE).is_file()

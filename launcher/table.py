@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from telepathy.config import atomic_write_text
 from telepathy.errors import UserError
+from telepathy.files import atomic_write_text
 from telepathy.paths import configs_dir, read_yaml
 from telepathy.registry import Pair
 
@@ -31,8 +31,13 @@ class TableRow:
 
     def matches(self, pair: Pair, *, seq_len: int, backend: str, gpu_memory_gb: float) -> bool:
         receiver = None if pair.single else pair.receiver.arch_key
-        return (self.sender == pair.sender.arch_key and self.receiver == receiver and self.backend == backend
-                and float(self.gpu_memory_gb) == float(gpu_memory_gb) and self.seq_len >= seq_len)
+        return (
+            self.sender == pair.sender.arch_key
+            and self.receiver == receiver
+            and self.backend == backend
+            and float(self.gpu_memory_gb) == float(gpu_memory_gb)
+            and self.seq_len >= seq_len
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "receiver"}
@@ -57,8 +62,10 @@ def load_table(path: Path | None = None) -> list[TableRow]:
         if bad:
             raise UserError(f"memory table {path}, row {i}: {', '.join(bad)} must be >= 1; fix the row")
         if row.micro_batch * row.grad_accum != row.effective_batch:
-            raise UserError(f"memory table {path}, row {i}: micro_batch x grad_accum = {row.micro_batch * row.grad_accum} "
-                            f"but effective_batch = {row.effective_batch}; fix the row")
+            raise UserError(
+                f"memory table {path}, row {i}: micro_batch x grad_accum = {row.micro_batch * row.grad_accum} "
+                f"but effective_batch = {row.effective_batch}; fix the row"
+            )
         rows.append(row)
     return rows
 
@@ -71,9 +78,14 @@ def find_row(rows: list[TableRow], pair: Pair, *, seq_len: int, backend: str, gp
     return hits[0] if hits else None
 
 
-def save_table(rows: list[TableRow], path: Path | None = None) -> None:
-    """Rewrite the table atomically (header comment kept)."""
+def save_table(rows: list[TableRow], path: Path | None = None) -> Path:
+    """Rewrite the table atomically (header comment kept); returns its path."""
     path = path or table_path()
-    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#")) if path.exists() else ""
+    header = (
+        "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+        if path.exists()
+        else ""
+    )
     body = yaml.safe_dump({"rows": [r.to_dict() for r in rows]}, sort_keys=False, width=200)
     atomic_write_text(path, header + body)
+    return path

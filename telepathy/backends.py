@@ -1,6 +1,6 @@
 """DDP / FSDP2 / DeepSpeed ZeRO behind one interface for the training loop.
 
-`wrap(model, backend, cfg, device)` returns a `Wrapped`: `micro_step(batch, last)` runs forward + backward
+`wrap(model, cfg, device)` returns a `Wrapped`: `micro_step(batch, last)` runs forward + backward
 (skipping the gradient all-reduce on non-final accumulation micro-steps), `optimizer_step()` clips, steps
 AdamW and the LR schedule, and returns the gradient norm. Checkpoint state is gathered to full tensors so a
 checkpoint does not depend on the backend that wrote it.
@@ -25,15 +25,27 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from telepathy.config import RunConfig, TrainConfig
+from telepathy.config import RunConfig, TrainConfig, check_backend
 from telepathy.errors import UserError
 from telepathy.paths import configs_dir
+from telepathy.rundir import StepDir
 from telepathy.step import Batch, StepOutput, TelepathyModel
 
 log = logging.getLogger(__name__)
@@ -56,7 +68,6 @@ def make_optimizer(params: list[nn.Parameter], train: TrainConfig):
 
 
 def _full_options(**kw: Any):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # cpu_offload gathers onto rank 0's CPU only: other ranks get empty dicts and no full copy
     return StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized(), **kw)
@@ -101,26 +112,23 @@ class Wrapped:
 
     def bridge_state(self) -> dict[str, torch.Tensor]:
         """Full bridge weights on rank 0's CPU (empty elsewhere)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         return get_model_state_dict(self.bridge, options=_full_options())
 
     def optimizer_state(self) -> dict[str, Any] | None:
         """Full AdamW state keyed by parameter name on rank 0 (portable across plain/DDP/FSDP)."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         return get_optimizer_state_dict(self.bridge, self.optimizer, options=_full_options())
 
     def scheduler_state(self) -> dict[str, Any]:
         return self.scheduler.state_dict()
 
-    def write_rank_files(self, folder) -> None:
+    def write_rank_files(self, folder: StepDir) -> None:
         """Backend-sharded state every rank writes into a checkpoint folder (DeepSpeed only)."""
 
     def load(self, ckpt) -> bool:
         """Restore from a checkpoint.Checkpoint; False when only the weights could be restored (the
         optimizer state was written by another backend family)."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         options = _full_options()
         set_model_state_dict(self.bridge, ckpt.bridge(), options=options)
@@ -133,8 +141,9 @@ class Wrapped:
 
     # ------------------------------------------------------------------ after training
 
-    def local_model(self, bridge_state: dict[str, torch.Tensor],
-                    rebuild: Callable[[], TelepathyModel]) -> TelepathyModel:
+    def local_model(
+        self, bridge_state: dict[str, torch.Tensor], rebuild: Callable[[], TelepathyModel]
+    ) -> TelepathyModel:
         """A model rank 0 runs alone after the process group is closed (evaluation): no collectives inside.
         `rebuild()` loads a fresh unsharded model, for backends whose frozen weights are sharded."""
         self.model.bridge = self.bridge
@@ -145,7 +154,6 @@ class DDPWrapped(Wrapped):
     backend = "ddp"
 
     def __init__(self, model: TelepathyModel, cfg: RunConfig, device: torch.device):
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
         bridge = model.bridge
         ids = [device.index] if device.type == "cuda" else None
@@ -161,14 +169,11 @@ class FSDPWrapped(Wrapped):
     backend = "fsdp"
 
     def __init__(self, model: TelepathyModel, cfg: RunConfig, device: torch.device):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         receiver_params = {id(p) for p in model.receiver.parameters()}
-        if model.sender is not None and any(id(p) in receiver_params for p in model.sender.parameters()):
-            raise UserError("backend fsdp cannot shard a single-model pair (sender and receiver share weights); "
-                            "use --backend ddp or deepspeed")
+        shared = model.sender is not None and any(id(p) in receiver_params for p in model.sender.parameters())
+        check_backend("fsdp", single_model=shared, world_size=dist.get_world_size())
         for layer in model.sender_layers() + model.receiver_layers():
             fully_shard(layer, mesh=mesh)
         if model.sender is not None:
@@ -202,8 +207,12 @@ class DeepSpeedWrapped(Wrapped):
         self.model, self.cfg = model, cfg
         optimizer, scheduler = make_optimizer(list(bridge.parameters()), cfg.train)
         engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=bridge, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
-            dist_init_required=False)
+            model=bridge,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg),
+            dist_init_required=False,
+        )
         self.engine = engine
         model.bridge = engine
         self.bridge = engine.module
@@ -220,7 +229,7 @@ class DeepSpeedWrapped(Wrapped):
         return float(norm) if norm is not None else float("nan")
 
     def _gathered(self):
-        import deepspeed
+        import deepspeed  # noqa: PLC0415  (optional: only the deepspeed backend needs it)
 
         if self._zero3:
             return deepspeed.zero.GatheredParameters(list(self.bridge.parameters()), modifier_rank=None)
@@ -235,23 +244,25 @@ class DeepSpeedWrapped(Wrapped):
     def optimizer_state(self):
         return None  # in write_rank_files: DeepSpeed's own partitioned format
 
-    def write_rank_files(self, folder) -> None:
-        from telepathy.checkpoint import DEEPSPEED_DIR
-
-        self.engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag="state", save_latest=False)
+    def write_rank_files(self, folder: StepDir) -> None:
+        self.engine.save_checkpoint(str(folder.deepspeed), tag="state", save_latest=False)
 
     def load(self, ckpt) -> bool:
-        import deepspeed
+        import deepspeed  # noqa: PLC0415  (optional: only the deepspeed backend needs it)
 
         saved_world = ckpt.state.get("world_size")
         if ckpt.deepspeed_dir.is_dir() and saved_world == dist.get_world_size():
-            self.engine.load_checkpoint(str(ckpt.deepspeed_dir), tag="state", load_optimizer_states=True,
-                                        load_lr_scheduler_states=True)
+            self.engine.load_checkpoint(
+                str(ckpt.deepspeed_dir), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+            )
             return True
         state = ckpt.bridge()
         dtype = next(self.bridge.parameters()).dtype
-        with deepspeed.zero.GatheredParameters(list(self.bridge.parameters()), modifier_rank=0) if self._zero3 \
-                else contextlib.nullcontext():
+        with (
+            deepspeed.zero.GatheredParameters(list(self.bridge.parameters()), modifier_rank=0)
+            if self._zero3
+            else contextlib.nullcontext()
+        ):
             if not dist.is_initialized() or dist.get_rank() == 0 or not self._zero3:
                 self.bridge.load_state_dict({k: v.to(dtype) for k, v in state.items()})
         self.optimizer.refresh_fp32_params()  # ZeRO keeps its own fp32 copy: refill it from the loaded weights
@@ -268,10 +279,11 @@ class DeepSpeedWrapped(Wrapped):
 def import_deepspeed():
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     try:
-        import deepspeed
+        import deepspeed  # noqa: PLC0415  (optional: only the deepspeed backend needs it)
     except ImportError:
-        raise UserError("backend deepspeed needs DeepSpeed: pip install telepathy[deepspeed] "
-                        "(or choose --backend ddp or fsdp)") from None
+        raise UserError(
+            "backend deepspeed needs DeepSpeed: pip install telepathy[deepspeed] (or choose --backend ddp or fsdp)"
+        ) from None
     return deepspeed
 
 
@@ -280,8 +292,11 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
     path = configs_dir() / "deepspeed" / f"zero{cfg.train.zero_stage}.json"
     config = json.loads(path.read_text())
     t = cfg.train
-    fill = {"train_micro_batch_size_per_gpu": t.micro_batch, "gradient_accumulation_steps": t.grad_accum,
-            "gradient_clipping": t.grad_clip}
+    fill = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+    }
     for key, value in fill.items():
         if config.get(key) == "auto":
             config[key] = value
@@ -290,16 +305,10 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
     return config
 
 
-def wrap(model: TelepathyModel, backend: str, cfg: RunConfig, device: torch.device) -> Wrapped:
-    """The model ready for the training loop; `model.train()` is set here."""
+def wrap(model: TelepathyModel, cfg: RunConfig, device: torch.device) -> Wrapped:
+    """The model ready for the training loop under cfg.backend; `model.train()` is set here."""
     model.train()
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1:
         return Wrapped(model, cfg)
-    if backend == "ddp":
-        return DDPWrapped(model, cfg, device)
-    if backend == "fsdp":
-        return FSDPWrapped(model, cfg, device)
-    if backend == "deepspeed":
-        return DeepSpeedWrapped(model, cfg, device)
-    raise UserError(f"unknown backend '{backend}'; use ddp, fsdp or deepspeed")
+    return {"ddp": DDPWrapped, "fsdp": FSDPWrapped, "deepspeed": DeepSpeedWrapped}[cfg.backend](model, cfg, device)

@@ -1,5 +1,5 @@
 """The bridge: a Perceiver resampler from sender hidden states to K soft tokens in the receiver's
-embedding space (the original system's final module, shared-notes original-system.md §1.1)."""
+embedding space: the original LatentWire/Telepathy system's final module (its PerceiverResampler)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from telepathy.bridge_shape import bridge_param_count  # noqa: F401  (re-exported: the closed form lives torch-free)
 from telepathy.config import BridgeConfig
 from telepathy.errors import UserError
 
@@ -35,8 +34,9 @@ class _Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, src: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         mask = None if keep is None else keep[:, None, None, :]  # (B,1,1,S), True = attend
-        o = F.scaled_dot_product_attention(self._heads(self.q(x)), self._heads(self.k(src)),
-                                           self._heads(self.v(src)), attn_mask=mask)
+        o = F.scaled_dot_product_attention(
+            self._heads(self.q(x)), self._heads(self.k(src)), self._heads(self.v(src)), attn_mask=mask
+        )
         return self.out(o.transpose(1, 2).flatten(2))
 
 
@@ -71,8 +71,10 @@ class Bridge(nn.Module):
     def __init__(self, cfg: BridgeConfig, src_dim: int, tgt_dim: int, target_rms: float):
         super().__init__()
         if tgt_dim % cfg.heads:
-            raise UserError(f"bridge heads ({cfg.heads}) must divide the receiver width ({tgt_dim}); "
-                            "pick --bridge-heads that divides it")
+            raise UserError(
+                f"bridge heads ({cfg.heads}) must divide the receiver width ({tgt_dim}); "
+                "pick --bridge-heads that divides it"
+            )
         self.latents = nn.Parameter(torch.randn(cfg.soft_tokens, tgt_dim) * 0.02)
         self.input_norm = nn.LayerNorm(src_dim)
         self.input_proj = nn.Linear(src_dim, tgt_dim) if src_dim != tgt_dim else nn.Identity()
@@ -97,5 +99,5 @@ def target_rms_of(receiver: nn.Module, chunk: int = 8192) -> float:
     """Median per-row RMS of the receiver's input-embedding matrix (the original's output-scale init).
     Computed in row chunks so a 150k-row vocabulary never needs a full fp32 copy."""
     weight = receiver.get_input_embeddings().weight
-    rms = torch.cat([weight[i:i + chunk].float().pow(2).mean(1).sqrt() for i in range(0, weight.size(0), chunk)])
+    rms = torch.cat([weight[i : i + chunk].float().pow(2).mean(1).sqrt() for i in range(0, weight.size(0), chunk)])
     return float(rms.median())

@@ -3,10 +3,16 @@ telepathy/bridge.py) and the sender layer it taps. The memory model and the step
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from telepathy.errors import UserError
 
+if TYPE_CHECKING:
+    from telepathy.config import BridgeConfig
+    from telepathy.registry import ModelSpec
 
-def bridge_param_count(cfg, src_dim: int, tgt_dim: int) -> int:
+
+def bridge_param_count(cfg: BridgeConfig, src_dim: int, tgt_dim: int) -> int:
     """Parameters of `Bridge(cfg, src_dim, tgt_dim)` (cfg: a BridgeConfig). Per block at width d = tgt_dim:
     cross- and self-attention 4d^2 + 3d each (q, k, v and out projections; no key bias), MLP
     2rd^2 + (r+1)d for mlp_ratio r, three LayerNorms 6d. Plus K*d latents, the input LayerNorm
@@ -22,6 +28,8 @@ def source_layer(cfg: BridgeConfig, sender: ModelSpec) -> int:
     """The tapped layer as an index into HF `hidden_states` (0 = embeddings); None -> layers - 1."""
     layer = sender.layers - 1 if cfg.source_layer is None else cfg.source_layer
     if not 0 <= layer <= sender.layers:
-        raise UserError(f"source_layer {layer} is outside 0..{sender.layers} for {sender.alias}; "
-                        f"pick a hidden_states index of the sender (default {sender.layers - 1})")
+        raise UserError(
+            f"source_layer {layer} is outside 0..{sender.layers} for {sender.alias}; "
+            f"pick a hidden_states index of the sender (default {sender.layers - 1})"
+        )
     return layer

@@ -33,24 +33,31 @@ import shutil
 import socket
 import time
 from bisect import bisect_right
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from telepathy.bridge_shape import source_layer
+from telepathy.files import atomic_write_text, sha256_file
+from telepathy.loading import load_model, select_attention
+from telepathy.metrics import Progress
+from telepathy.tokenizers import cache_dir
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the on-disk layout changes: old entries then simply miss
-SHARD_BYTES = 256 * 1024 ** 2  # a shard is written once it holds this much (one shard per ~32k tokens at d=4096)
+SHARD_BYTES = 256 * 1024**2  # a shard is written once it holds this much (one shard per ~32k tokens at d=4096)
 BUILD_TOKENS = 16384  # sender tokens per forward batch while building (padding included)
 DTYPE = torch.bfloat16
 
 
 def cache_root() -> Path:
     """$TELEPATHY_CACHE/sender_states (default ~/.cache/telepathy/sender_states)."""
-    from telepathy.tokenizers import cache_dir
 
     return cache_dir() / "sender_states"
 
@@ -72,15 +79,20 @@ def model_identity(spec) -> dict:
         return {"weights": "random", "init_seed": 0, "arch": arch}  # loading.load_model's seeded init
     if spec.path:
         root = Path(spec.path)
-        files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in root.iterdir()
-                       if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+        files = sorted(
+            (p.name, p.stat().st_size, int(p.stat().st_mtime))
+            for p in root.iterdir()
+            if p.suffix in (".safetensors", ".bin") or p.name == "config.json"
+        )
         return {"weights": "local", "path": str(root), "files": files}
     return {"weights": "hub", "hub_id": spec.hub_id, "revision": _hub_revision(spec.hub_id)}
 
 
 def _hub_revision(hub_id: str) -> str | None:
     """The commit from_pretrained resolves for `main` in the local HF cache (None if not downloaded yet)."""
-    home = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache/huggingface") / "hub")
+    home = Path(
+        os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache/huggingface") / "hub"
+    )
     ref = home / f"models--{hub_id.replace('/', '--')}" / "refs" / "main"
     return ref.read_text().strip() if ref.is_file() else None
 
@@ -98,9 +110,17 @@ class CacheKey:
     max_length: int = 0  # informational (the ids already fix it)
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "dtype": str(DTYPE), "model": self.model, "layer": self.layer,
-                "dataset": self.dataset, "ids_sha256": self.ids_sha256, "n_examples": self.n_examples,
-                "tokenizer": self.tokenizer, "max_length": self.max_length}
+        return {
+            "format": FORMAT,
+            "dtype": str(DTYPE),
+            "model": self.model,
+            "layer": self.layer,
+            "dataset": self.dataset,
+            "ids_sha256": self.ids_sha256,
+            "n_examples": self.n_examples,
+            "tokenizer": self.tokenizer,
+            "max_length": self.max_length,
+        }
 
     @property
     def digest(self) -> str:
@@ -116,7 +136,6 @@ class SenderCache:
     """Read side of one valid entry: `get(i)` -> (len_i, d) bf16 states of example i; `attach` fills a Batch."""
 
     def __init__(self, path: Path, manifest: dict):
-        from safetensors import safe_open
 
         self.path, self.manifest = path, manifest
         self.hidden = int(manifest["hidden"])
@@ -147,21 +166,16 @@ class SenderCache:
         for row, i in enumerate(indices):
             s = self.get(int(i))
             if s.size(0) != int(mask[row].sum()):
-                raise RuntimeError(f"sender cache {self.path.name}: example {i} has {s.size(0)} cached tokens but "
-                                   f"{int(mask[row].sum())} in the batch; the cache does not match this data")
-            states[row, :s.size(0)] = s
+                raise RuntimeError(
+                    f"sender cache {self.path.name}: example {i} has {s.size(0)} cached tokens but "
+                    f"{int(mask[row].sum())} in the batch; the cache does not match this data"
+                )
+            states[row, : s.size(0)] = s
         batch.sender_states, batch.sender_ids = states, None
         return batch
 
 
 # ---------------------------------------------------------------- validation
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check(path: Path, key: CacheKey) -> tuple[dict | None, str]:
@@ -178,7 +192,7 @@ def _check(path: Path, key: CacheKey) -> tuple[dict | None, str]:
         f = path / s["file"]
         if not f.is_file() or f.stat().st_size != s["bytes"]:
             return None, f"shard {s['file']} missing or truncated"
-        if _sha256(f) != s["sha256"]:
+        if sha256_file(f) != s["sha256"]:
             return None, f"shard {s['file']} checksum mismatch (corrupted)"
     covered = sum(s["count"] for s in manifest.get("shards", []))
     if covered != key.n_examples:
@@ -195,6 +209,7 @@ def open_cache(key: CacheKey, root: Path | None = None) -> SenderCache | None:
 
 # ---------------------------------------------------------------- building
 
+
 @contextlib.contextmanager
 def _exclusive(lock_path: Path, poll_log_s: float = 60.0):
     """A POSIX record lock on `lock_path` (blocking). The kernel drops it if the holder dies."""
@@ -208,8 +223,10 @@ def _exclusive(lock_path: Path, poll_log_s: float = 60.0):
                 break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):  # e.g. ENOLCK: NFS mounted without lockd
-                    raise RuntimeError(f"cannot lock {lock_path} ({e.strerror}); put the sender cache on a "
-                                       "filesystem with POSIX locks (set TELEPATHY_CACHE) or turn it off") from None
+                    raise RuntimeError(
+                        f"cannot lock {lock_path} ({e.strerror}); put the sender cache on a "
+                        "filesystem with POSIX locks (set TELEPATHY_CACHE) or turn it off"
+                    ) from None
                 if time.monotonic() - start > poll_log_s:
                     log.info("sender cache: still waiting for another builder (%s)", lock_path.name)
                     start = time.monotonic()
@@ -220,7 +237,6 @@ def _exclusive(lock_path: Path, poll_log_s: float = 60.0):
 
 
 def _write_shard(tmp: Path, number: int, first: int, parts: list[torch.Tensor], hidden: int) -> dict:
-    from safetensors.torch import save_file
 
     lengths = [p.size(0) for p in parts]
     offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
@@ -230,8 +246,14 @@ def _write_shard(tmp: Path, number: int, first: int, parts: list[torch.Tensor], 
     f = tmp / name
     with f.open("rb") as fh:
         os.fsync(fh.fileno())
-    return {"file": name, "first": first, "count": len(parts), "tokens": int(offsets[-1]),
-            "bytes": f.stat().st_size, "sha256": _sha256(f)}
+    return {
+        "file": name,
+        "first": first,
+        "count": len(parts),
+        "tokens": int(offsets[-1]),
+        "bytes": f.stat().st_size,
+        "sha256": sha256_file(f),
+    }
 
 
 def _write_entry(tmp: Path, key: CacheKey, states: Iterator[tuple[int, torch.Tensor]]) -> None:
@@ -251,15 +273,19 @@ def _write_entry(tmp: Path, key: CacheKey, states: Iterator[tuple[int, torch.Ten
         shards.append(_write_shard(tmp, len(shards), first, parts, hidden))
     if expect != key.n_examples:
         raise ValueError(f"built {expect} examples, the key says {key.n_examples}")
-    manifest = {"key": key.to_dict(), "hidden": hidden, "shards": shards, "created": time.time(),
-                "host": socket.gethostname()}
-    from telepathy.config import atomic_write_text
-
+    manifest = {
+        "key": key.to_dict(),
+        "hidden": hidden,
+        "shards": shards,
+        "created": time.time(),
+        "host": socket.gethostname(),
+    }
     atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1) + "\n")
 
 
-def ensure(key: CacheKey, compute: Callable[[], Iterator[tuple[int, torch.Tensor]]],
-           root: Path | None = None) -> tuple[SenderCache, bool]:
+def ensure(
+    key: CacheKey, compute: Callable[[], Iterator[tuple[int, torch.Tensor]]], root: Path | None = None
+) -> tuple[SenderCache, bool]:
     """(cache, built): the valid entry for `key`, built by `compute()` (yielding (index, (len, d) states) in
     index order) when missing or invalid. Safe with many concurrent callers: at most one builds."""
     root = root or cache_root()
@@ -288,12 +314,16 @@ def ensure(key: CacheKey, compute: Callable[[], Iterator[tuple[int, torch.Tensor
         return SenderCache(path, manifest), True
 
 
-def sender_states(sender: torch.nn.Module, sender_ids: Sequence[Sequence[int]], pad_id: int,
-                  device: torch.device | str, tokens_per_batch: int = BUILD_TOKENS) -> Iterator[tuple[int, torch.Tensor]]:
+def sender_states(
+    sender: torch.nn.Module,
+    sender_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device | str,
+    tokens_per_batch: int = BUILD_TOKENS,
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, (len, d) states) for every example, in index order. `sender` is the truncated body
     (last_hidden_state = the tapped layer). Batches of similar length (little padding) within windows
     of 1024 examples, so memory stays bounded and output order stays the index order."""
-    from telepathy.metrics import Progress
 
     device = torch.device(device)
     window = 1024
@@ -310,13 +340,13 @@ def sender_states(sender: torch.nn.Module, sender_ids: Sequence[Sequence[int]], 
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for r, i in enumerate(batch):
-                ids[r, :len(sender_ids[i])] = torch.as_tensor(sender_ids[i])
-                mask[r, :len(sender_ids[i])] = 1
+                ids[r, : len(sender_ids[i])] = torch.as_tensor(sender_ids[i])
+                mask[r, : len(sender_ids[i])] = 1
             with torch.no_grad():
                 h = sender(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
             h = h.to("cpu", DTYPE)
             for r, i in enumerate(batch):
-                out[i] = h[r, :len(sender_ids[i])].clone()
+                out[i] = h[r, : len(sender_ids[i])].clone()
             done += len(batch)
             progress.update(done)
         for i in range(w0, min(w0 + window, len(sender_ids))):
@@ -324,23 +354,37 @@ def sender_states(sender: torch.nn.Module, sender_ids: Sequence[Sequence[int]], 
     progress.close()
 
 
-def sender_cache_for(cfg, pair, sender_tok, sender_ids: Sequence[Sequence[int]], split: str,
-                     device: torch.device | str, root: Path | None = None) -> SenderCache:
+def sender_cache_for(
+    cfg,
+    pair,
+    sender_tok,
+    sender_ids: Sequence[Sequence[int]],
+    split: str,
+    device: torch.device | str,
+    root: Path | None = None,
+) -> SenderCache:
     """The trainer's entry point: the cache for one split of cfg's task, given its sender ids (the
     Collator's rows, so the key covers tokeniser, prompt and truncation), under cfg's sender and tap;
     built here (truncated sender loaded only then) if no valid entry exists."""
-    from telepathy.loading import load_model, select_attention
-    from telepathy.step import source_layer
 
     tap = source_layer(cfg.bridge, pair.sender)
-    key = CacheKey(model=model_identity(pair.sender), layer=tap, dataset=f"{Path(cfg.data.task).name}:{split}",
-                   ids_sha256=ids_digest(sender_ids), n_examples=len(sender_ids),
-                   tokenizer=type(sender_tok).__name__ + ":" + str(pair.sender.tokenizer or pair.sender.source),
-                   max_length=cfg.data.max_length)
+    key = CacheKey(
+        model=model_identity(pair.sender),
+        layer=tap,
+        dataset=f"{Path(cfg.data.task).name}:{split}",
+        ids_sha256=ids_digest(sender_ids),
+        n_examples=len(sender_ids),
+        tokenizer=type(sender_tok).__name__ + ":" + str(pair.sender.tokenizer or pair.sender.source),
+        max_length=cfg.data.max_length,
+    )
 
     def compute() -> Iterator[tuple[int, torch.Tensor]]:
-        body = load_model(pair.sender, device=device, attn_implementation=select_attention(torch.device(device))[0],
-                          num_layers=tap)
+        body = load_model(
+            pair.sender,
+            device=device,
+            attn_implementation=select_attention(torch.device(device), cfg.train.attention)[0],
+            num_layers=tap,
+        )
         yield from sender_states(body, sender_ids, sender_tok.pad_token_id, device)
 
     cache, built = ensure(key, compute, root)

@@ -8,15 +8,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from telepathy.errors import UserError
+from telepathy.files import atomic_write_text
+from telepathy.rundir import RunDir
 
 BACKENDS = ("ddp", "fsdp", "deepspeed")
+# "auto": FlashAttention-2 where its extension works on the run's GPU, else PyTorch SDPA (loading.py).
+ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+BRIDGE_DTYPES = ("bfloat16", "float32")
+# Evaluation methods besides the bridge itself (telepathy/evaluate.py).
+BASELINES = ("receiver", "sender", "text_relay")
+
+
+def check_backend(backend: str, *, single_model: bool = False, world_size: int = 2) -> None:
+    """The one validation of a backend choice, for the planner, the memory model and the worker alike."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
+    if backend == "fsdp" and single_model and world_size > 1:
+        raise UserError(
+            "backend fsdp cannot shard a single-model pair (sender and receiver share weights); "
+            "use --backend ddp or deepspeed"
+        )
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,7 @@ class TrainConfig:
     sender_cache: bool = False  # read tapped-layer states from the shared sender cache
     zero_stage: int = 2  # DeepSpeed only: 2 or 3
     bridge_dtype: str = "bfloat16"  # bridge params, grads and AdamW states: bfloat16 (as the original) or float32
+    attention: str = "auto"  # frozen models' attention kernel (one of ATTENTIONS)
 
 
 @dataclass(frozen=True)
@@ -84,27 +101,54 @@ class RunConfig:
     predicted_peak_gib: float | None = None  # the planner's memory estimate, logged beside measurements
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise UserError(f"unknown backend '{self.backend}'; use one of {', '.join(BACKENDS)}")
+        check_backend(self.backend)
         t = self.train
         for k in ("steps", "micro_batch", "grad_accum", "keep_checkpoints", "checkpoint_every", "log_every"):
             if getattr(t, k) < 1:
                 raise UserError(f"train.{k} must be >= 1 (got {getattr(t, k)})")
-        if t.bridge_dtype not in ("bfloat16", "float32"):
-            raise UserError(f"train.bridge_dtype must be bfloat16 or float32 (got {t.bridge_dtype})")
+        if t.bridge_dtype not in BRIDGE_DTYPES:
+            raise UserError(f"train.bridge_dtype must be one of {', '.join(BRIDGE_DTYPES)} (got {t.bridge_dtype})")
+        if t.attention not in ATTENTIONS:
+            raise UserError(f"train.attention must be one of {', '.join(ATTENTIONS)} (got {t.attention})")
         if t.zero_stage not in (2, 3):
             raise UserError(f"train.zero_stage must be 2 or 3 (got {t.zero_stage})")
         if self.bridge.soft_tokens < 1 or self.bridge.depth < 1 or self.bridge.heads < 1:
             raise UserError("bridge soft_tokens, depth and heads must be >= 1")
+        d = self.data
+        if d.max_length < 1 or d.answer_length < 1:
+            raise UserError(
+                f"data.max_length and data.answer_length must be >= 1 (got {d.max_length}, {d.answer_length})"
+            )
+        for k in ("eval_samples", "train_samples"):
+            if getattr(d, k) is not None and getattr(d, k) < 1:
+                raise UserError(f"data.{k} must be >= 1 or null for all (got {getattr(d, k)})")
+        e = self.eval
+        unknown = [m for m in e.baselines if m not in BASELINES]
+        if unknown:
+            raise UserError(f"unknown baseline '{unknown[0]}'; use any of {', '.join(BASELINES)} (comma-separated)")
+        for k in ("max_new_tokens", "relay_tokens", "batch_size"):
+            if getattr(e, k) < 1:
+                raise UserError(f"eval.{k} must be >= 1 (got {getattr(e, k)})")
+        if e.latency_samples < 0:
+            raise UserError(f"eval.latency_samples must be >= 0 (got {e.latency_samples})")
+
+    @property
+    def dir(self) -> RunDir:
+        return RunDir(self.run_dir)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         d = dict(d)
         try:
-            for key, sub in (("bridge", BridgeConfig), ("train", TrainConfig), ("data", DataConfig), ("eval", EvalConfig)):
+            for key, sub in (
+                ("bridge", BridgeConfig),
+                ("train", TrainConfig),
+                ("data", DataConfig),
+                ("eval", EvalConfig),
+            ):
                 v = dict(d.get(key) or {})
                 if key == "eval" and "baselines" in v:
                     v["baselines"] = tuple(v["baselines"])
@@ -113,7 +157,7 @@ class RunConfig:
         except TypeError as e:
             raise UserError(f"bad run config: {e}; check the field names") from None
 
-    def replace(self, **sections: dict[str, Any]) -> "RunConfig":
+    def replace(self, **sections: dict[str, Any]) -> RunConfig:
         """A copy with some fields of sections changed: cfg.replace(train={"steps": 5})."""
         top = {k: v for k, v in sections.items() if not isinstance(v, dict)}
         nested = {k: dataclasses.replace(getattr(self, k), **v) for k, v in sections.items() if isinstance(v, dict)}
@@ -123,38 +167,10 @@ class RunConfig:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
+    def load(cls, path: str | Path) -> RunConfig:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except FileNotFoundError:
             raise UserError(f"run config {path} not found") from None
         except json.JSONDecodeError as e:
             raise UserError(f"run config {path} is not valid JSON (line {e.lineno})") from None
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, fsync, rename: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600: collaborators on a shared cluster must read results
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())

@@ -86,6 +86,7 @@ class Task:
 
 # ---------------------------------------------------------------- specs
 
+
 def task_names() -> list[str]:
     return sorted(p.stem for p in (configs_dir() / "tasks").glob("*.yaml"))
 
@@ -99,8 +100,10 @@ def load_spec(task: str) -> TaskSpec:
         path = configs_dir() / "tasks" / f"{task}.yaml"
         base = data_dir()
         if not path.is_file():
-            raise UserError(f"unknown task '{task}'; use one of {', '.join(task_names())}, "
-                            "a task .yaml, or a .jsonl/.csv file with fields text,label")
+            raise UserError(
+                f"unknown task '{task}'; use one of {', '.join(task_names())}, "
+                "a task .yaml, or a .jsonl/.csv file with fields text,label"
+            )
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -132,16 +135,24 @@ def load_spec(task: str) -> TaskSpec:
 
 def _file_spec(path: Path, labels: Sequence[str]) -> TaskSpec:
     words = ", ".join(labels)
-    return TaskSpec(name=path.stem, labels=tuple(labels), primer="Label:", prompt=f"Text: {{text}}\nLabel ({words}):",
-                    files={"train": str(path)})
+    return TaskSpec(
+        name=path.stem,
+        labels=tuple(labels),
+        primer="Label:",
+        prompt=f"Text: {{text}}\nLabel ({words}):",
+        files={"train": str(path)},
+    )
 
 
 # ---------------------------------------------------------------- examples
 
+
 def _rows(path: Path, text_field: str, label_field: str) -> Iterable[tuple[int, str, Any]]:
     """(line number, text, raw label) from a JSONL or CSV file."""
     if not path.is_file():
-        raise UserError(f"data file {path} not found; check the path (or regenerate the demo: python -m telepathy.demo_data)")
+        raise UserError(
+            f"data file {path} not found; check the path (or regenerate the demo: python -m telepathy.demo_data)"
+        )
     if path.suffix == ".csv":
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
@@ -155,7 +166,9 @@ def _rows(path: Path, text_field: str, label_field: str) -> Iterable[tuple[int, 
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                raise UserError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
+                ) from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object with '{text_field}' and '{label_field}'")
             yield lineno, *_fields(row, path, lineno, text_field, label_field)
@@ -164,7 +177,9 @@ def _rows(path: Path, text_field: str, label_field: str) -> Iterable[tuple[int, 
 def _fields(row: dict, path: Path, lineno: int, text_field: str, label_field: str) -> tuple[str, Any]:
     for name in (text_field, label_field):
         if row.get(name) in (None, ""):
-            raise UserError(f"{path}:{lineno}: missing field '{name}'; every example needs '{text_field}' and '{label_field}'")
+            raise UserError(
+                f"{path}:{lineno}: missing field '{name}'; every example needs '{text_field}' and '{label_field}'"
+            )
     return str(row[text_field]), row[label_field]
 
 
@@ -181,28 +196,36 @@ def _label_index(value: Any, labels: Sequence[str], where: str) -> int:
             index = -1
         if 0 <= index < len(labels):
             return index
-    raise UserError(f"{where}: unknown label {value!r}; expected one of {', '.join(labels)} or an index 0..{len(labels) - 1}")
+    raise UserError(
+        f"{where}: unknown label {value!r}; expected one of {', '.join(labels)} or an index 0..{len(labels) - 1}"
+    )
 
 
 def _read_file(path: Path, spec: TaskSpec) -> list[Example]:
-    return [Example(text, _label_index(label, spec.labels, f"{path}:{lineno}"))
-            for lineno, text, label in _rows(path, spec.text_field, spec.label_field)]
+    return [
+        Example(text, _label_index(label, spec.labels, f"{path}:{lineno}"))
+        for lineno, text, label in _rows(path, spec.text_field, spec.label_field)
+    ]
 
 
 def _read_hub(spec: TaskSpec, split: str) -> list[Example]:
     try:
-        import datasets
+        import datasets  # noqa: PLC0415  (only hub tasks need datasets)
     except ImportError:
         raise UserError(f"task '{spec.name}' loads {spec.dataset} from the hub; pip install datasets") from None
     try:
         rows = datasets.load_dataset(spec.dataset, spec.config, split=split)
     except Exception as e:  # noqa: BLE001  network, auth, missing split...: all end with the same advice
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"could not load {spec.dataset}{f'/{spec.config}' if spec.config else ''} split '{split}' "
-                        f"({first}); check network access and HF_HOME, or pass a local .jsonl/.csv task") from None
+        raise UserError(
+            f"could not load {spec.dataset}{f'/{spec.config}' if spec.config else ''} split '{split}' "
+            f"({first}); check network access and HF_HOME, or pass a local .jsonl/.csv task"
+        ) from None
     where = f"{spec.dataset}[{split}]"
-    return [Example(str(r[spec.text_field]), _label_index(r[spec.label_field], spec.labels, f"{where} row {i}"))
-            for i, r in enumerate(rows)]
+    return [
+        Example(str(r[spec.text_field]), _label_index(r[spec.label_field], spec.labels, f"{where} row {i}"))
+        for i, r in enumerate(rows)
+    ]
 
 
 def _subset(examples: list[Example], n: int | None) -> list[Example]:
@@ -227,8 +250,10 @@ def _load_file_task(path: Path) -> tuple[TaskSpec, list[Example], list[Example]]
     eval_path = _sibling_eval(path)
     rows = list(_rows(path, "text", "label"))
     eval_rows = list(_rows(eval_path, "text", "label")) if eval_path else []
-    words = sorted({str(label) for _, _, label in rows + eval_rows},
-                   key=lambda w: (0, int(w)) if w.lstrip("-").isdigit() else (1, w))
+    words = sorted(
+        {str(label) for _, _, label in rows + eval_rows},
+        key=lambda w: (0, int(w)) if w.lstrip("-").isdigit() else (1, w),
+    )
     if len(words) < 2:
         raise UserError(f"{path}: found {len(words)} distinct label(s); a task needs at least 2")
     spec = _file_spec(path, words)
@@ -266,6 +291,7 @@ def load_task(data_cfg: DataConfig) -> Task:
 
 # ---------------------------------------------------------------- batches
 
+
 class Collator:
     """Examples -> Batch, padded to the longest example in the batch (never to max_length).
 
@@ -278,16 +304,22 @@ class Collator:
     def __init__(self, spec: TaskSpec, sender_tok, receiver_tok, max_length: int, answer_length: int):
         self.spec, self.sender_tok, self.receiver_tok, self.max_length = spec, sender_tok, receiver_tok, max_length
         self.primer_ids = receiver_tok(spec.primer).input_ids
-        self.answers = [receiver_tok(spec.answer_text(i), add_special_tokens=False).input_ids + [receiver_tok.eos_token_id]
-                        for i in range(len(spec.labels))]
+        self.answers = [
+            receiver_tok(spec.answer_text(i), add_special_tokens=False).input_ids + [receiver_tok.eos_token_id]
+            for i in range(len(spec.labels))
+        ]
         longest = max(self.answers, key=len)
         if len(longest) > answer_length:
-            raise UserError(f"label '{spec.labels[self.answers.index(longest)]}' needs {len(longest)} answer tokens "
-                            f"(with EOS) but answer_length is {answer_length}; raise data.answer_length")
+            raise UserError(
+                f"label '{spec.labels[self.answers.index(longest)]}' needs {len(longest)} answer tokens "
+                f"(with EOS) but answer_length is {answer_length}; raise data.answer_length"
+            )
         _, _, tail = spec.prompt.partition("{text}")
         self._tail_ids = sender_tok(tail, add_special_tokens=False).input_ids
         if len(self._tail_ids) >= max_length:
-            raise UserError(f"the prompt after {{text}} alone is {len(self._tail_ids)} tokens; raise max_length above it")
+            raise UserError(
+                f"the prompt after {{text}} alone is {len(self._tail_ids)} tokens; raise max_length above it"
+            )
 
     def sender_ids(self, text: str) -> list[int]:
         return self.sender_batch([text])[0]
@@ -296,27 +328,39 @@ class Collator:
         """Sender token ids per text (one batched tokenizer call), truncated to max_length."""
         rows = self.sender_tok([self.spec.sender_text(t) for t in texts]).input_ids
         head, _, _ = self.spec.prompt.partition("{text}")
-        return [ids if len(ids) <= self.max_length
-                else self.sender_tok(head + text).input_ids[:self.max_length - len(self._tail_ids)] + self._tail_ids
-                for ids, text in zip(rows, texts)]
+        return [
+            ids
+            if len(ids) <= self.max_length
+            else self.sender_tok(head + text).input_ids[: self.max_length - len(self._tail_ids)] + self._tail_ids
+            for ids, text in zip(rows, texts)
+        ]
 
     def tokenize(self, examples: Sequence[Example], chunk: int = 8192) -> TokenRows:
         """Every example's sender ids, compactly (a split is tokenised once per run: the sampler's lengths,
         the sender cache's key and every batch come from these rows)."""
-        return TokenRows(row for i in range(0, len(examples), chunk)
-                         for row in self.sender_batch([e.text for e in examples[i:i + chunk]]))
+        return TokenRows(
+            row
+            for i in range(0, len(examples), chunk)
+            for row in self.sender_batch([e.text for e in examples[i : i + chunk]])
+        )
 
     def batch(self, sender_rows: Sequence[Sequence[int]], labels: Sequence[int]):
         """A Batch from sender ids (sender_batch or tokenize rows) and label indices."""
-        import torch
+        import torch  # noqa: PLC0415  (the launcher imports this module: torch only for batches)
 
-        from telepathy.step import Batch
+        from telepathy.step import Batch  # noqa: PLC0415  (step imports torch)
 
         sender_ids, sender_mask = _pad(sender_rows, self.sender_tok.pad_token_id)
         answer_ids, answer_mask = _pad([self.answers[label] for label in labels], self.receiver_tok.pad_token_id)
         primer = torch.tensor(self.primer_ids, dtype=torch.long).expand(len(labels), -1).contiguous()
-        return Batch(sender_ids=sender_ids, sender_mask=sender_mask, primer_ids=primer, answer_ids=answer_ids,
-                     answer_mask=answer_mask, labels=torch.tensor(list(labels), dtype=torch.long))
+        return Batch(
+            sender_ids=sender_ids,
+            sender_mask=sender_mask,
+            primer_ids=primer,
+            answer_ids=answer_ids,
+            answer_mask=answer_mask,
+            labels=torch.tensor(list(labels), dtype=torch.long),
+        )
 
     def __call__(self, examples: Sequence[Example]):
         return self.batch(self.sender_batch([e.text for e in examples]), [e.label for e in examples])
@@ -327,7 +371,7 @@ class TokenRows(Sequence):
     (a 120k-example split at ~60 tokens: 29 MB instead of ~250 MB per rank). Rows are numpy int32 views."""
 
     def __init__(self, rows: Iterable[Sequence[int]]):
-        import numpy as np  # here: the launcher imports this module and stays light
+        import numpy as np  # here: the launcher imports this module and stays light  # noqa: PLC0415  (numpy only for token rows)
 
         flat, offsets = array("i"), [0]
         for row in rows:
@@ -343,19 +387,19 @@ class TokenRows(Sequence):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
-        return self.flat[self.offsets[i]:self.offsets[i + 1]]
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
 
     def lengths(self) -> list[int]:
         return (self.offsets[1:] - self.offsets[:-1]).tolist()
 
 
 def _pad(rows: list[list[int]], pad_id: int):
-    import torch
+    import torch  # noqa: PLC0415  (the launcher imports this module: torch only for batches)
 
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
+        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
     return ids, mask

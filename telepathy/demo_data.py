@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from telepathy.config import atomic_write_text
+from telepathy.files import atomic_write_text
 from telepathy.paths import data_dir
 
 LABELS = ("animal", "food", "weather", "sport")
@@ -25,10 +25,52 @@ KEYWORDS = {
     "weather": ("rain", "snow", "storm", "thunder", "fog", "wind", "sunshine", "frost", "cloud", "hail"),
     "sport": ("football", "tennis", "soccer", "hockey", "golf", "rugby", "cricket", "boxing", "cycling", "swimming"),
 }
-FILLER = ("the", "a", "we", "they", "saw", "talked", "about", "near", "yesterday", "morning", "old", "new",
-          "quite", "very", "house", "street", "friend", "there", "was", "some", "and", "then", "later",
-          "again", "small", "large", "people", "town", "today", "often", "remember", "that", "with", "our",
-          "their", "evening", "walked", "past", "window", "road", "story", "picture", "heard", "many")
+FILLER = (
+    "the",
+    "a",
+    "we",
+    "they",
+    "saw",
+    "talked",
+    "about",
+    "near",
+    "yesterday",
+    "morning",
+    "old",
+    "new",
+    "quite",
+    "very",
+    "house",
+    "street",
+    "friend",
+    "there",
+    "was",
+    "some",
+    "and",
+    "then",
+    "later",
+    "again",
+    "small",
+    "large",
+    "people",
+    "town",
+    "today",
+    "often",
+    "remember",
+    "that",
+    "with",
+    "our",
+    "their",
+    "evening",
+    "walked",
+    "past",
+    "window",
+    "road",
+    "story",
+    "picture",
+    "heard",
+    "many",
+)
 SEED = 1234
 
 

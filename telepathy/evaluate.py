@@ -33,7 +33,6 @@ from telepathy.step import TelepathyModel
 RELAY_PROMPT = "Summarize this in one sentence:\n\n{text}\n\nSummary:"
 RELAY_READER = "Text: {summary}\n{primer}"
 LATENCY_WARMUP = 3
-METHODS = ("bridge", "receiver", "sender", "text_relay")
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,26 +42,37 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
 
 
-def _generate_text(lm: nn.Module, tok, rows: Sequence[Sequence[int]], max_new_tokens: int,
-                   device: torch.device) -> list[str]:
+def _generate_text(
+    lm: nn.Module, tok, rows: Sequence[Sequence[int]], max_new_tokens: int, device: torch.device
+) -> list[str]:
     ids, mask = _left_pad(rows, tok.pad_token_id, device)
     out = lm.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config(tok, max_new_tokens))
-    return tok.batch_decode(out[:, ids.size(1):], skip_special_tokens=True)
+    return tok.batch_decode(out[:, ids.size(1) :], skip_special_tokens=True)
 
 
 class _Evaluator:
     """One evaluation's fixed parts: models, tokenizers, collator, generation settings."""
 
-    def __init__(self, model: TelepathyModel, task: Task, tokenizers, eval_cfg: EvalConfig, data_cfg: DataConfig,
-                 device: torch.device, sender_lm: nn.Module | None):
+    def __init__(
+        self,
+        model: TelepathyModel,
+        task: Task,
+        tokenizers,
+        eval_cfg: EvalConfig,
+        data_cfg: DataConfig,
+        device: torch.device,
+        sender_lm: nn.Module | None,
+    ):
         self.model, self.task, self.cfg, self.device, self.sender_lm = model, task, eval_cfg, device, sender_lm
         self.sender_tok, self.receiver_tok = tokenizers
-        self.collate = Collator(task.spec, self.sender_tok, self.receiver_tok, data_cfg.max_length, data_cfg.answer_length)
+        self.collate = Collator(
+            task.spec, self.sender_tok, self.receiver_tok, data_cfg.max_length, data_cfg.answer_length
+        )
         self.lm = model.receiver.lm
         self._receiver_text: str | None = None
 
@@ -72,14 +82,18 @@ class _Evaluator:
         prefix = self.model.receiver.prefix_embeds(batch.primer_ids, self.model.encode(batch))
         # Every row has the same length (one primer, K soft tokens): no padding, an all-ones mask.
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
-        out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask,
-                               generation_config=generation_config(self.receiver_tok, self.cfg.max_new_tokens))
+        out = self.lm.generate(
+            inputs_embeds=prefix,
+            attention_mask=mask,
+            generation_config=generation_config(self.receiver_tok, self.cfg.max_new_tokens),
+        )
         return self.receiver_tok.batch_decode(out, skip_special_tokens=True)  # only new tokens with inputs_embeds
 
     def receiver(self, examples: Sequence[Example]) -> list[str]:
         if self._receiver_text is None:  # the same input for every example: generate it once
-            self._receiver_text = _generate_text(self.lm, self.receiver_tok, [self.collate.primer_ids],
-                                                 self.cfg.max_new_tokens, self.device)[0]
+            self._receiver_text = _generate_text(
+                self.lm, self.receiver_tok, [self.collate.primer_ids], self.cfg.max_new_tokens, self.device
+            )[0]
         return [self._receiver_text] * len(examples)
 
     def sender(self, examples: Sequence[Example]) -> list[str]:
@@ -87,11 +101,17 @@ class _Evaluator:
         return _generate_text(self.sender_lm, self.sender_tok, rows, self.cfg.max_new_tokens, self.device)
 
     def text_relay(self, examples: Sequence[Example]) -> list[str]:
-        rows = [self.sender_tok(RELAY_PROMPT.replace("{text}", e.text), truncation=True,
-                                max_length=self.collate.max_length).input_ids for e in examples]
+        rows = [
+            self.sender_tok(
+                RELAY_PROMPT.replace("{text}", e.text), truncation=True, max_length=self.collate.max_length
+            ).input_ids
+            for e in examples
+        ]
         summaries = _generate_text(self.sender_lm, self.sender_tok, rows, self.cfg.relay_tokens, self.device)
-        readers = [self.receiver_tok(RELAY_READER.format(summary=s.strip(), primer=self.task.spec.primer)).input_ids
-                   for s in summaries]
+        readers = [
+            self.receiver_tok(RELAY_READER.format(summary=s.strip(), primer=self.task.spec.primer)).input_ids
+            for s in summaries
+        ]
         return _generate_text(self.lm, self.receiver_tok, readers, self.cfg.max_new_tokens, self.device)
 
     # ------------------------------------------------------------ scoring and timing
@@ -101,7 +121,7 @@ class _Evaluator:
         unmatched, texts = 0, []
         examples = self.task.eval
         for i in range(0, len(examples), self.cfg.batch_size):
-            chunk = examples[i:i + self.cfg.batch_size]
+            chunk = examples[i : i + self.cfg.batch_size]
             for example, text in zip(chunk, generate(chunk)):
                 predicted = self.task.spec.match(text)
                 per_class[labels[example.label]]["n"] += 1
@@ -111,8 +131,12 @@ class _Evaluator:
             self._done += len(chunk)
             self.progress.update(self._done, generate.__name__)
         correct = sum(c["correct"] for c in per_class.values())
-        return {"accuracy": correct / len(examples), "per_class": per_class, "unmatched": unmatched,
-                "samples": texts[:5]}
+        return {
+            "accuracy": correct / len(examples),
+            "per_class": per_class,
+            "unmatched": unmatched,
+            "samples": texts[:5],
+        }
 
     def latency(self, generate: Callable[[Sequence[Example]], list[str]]) -> dict:
         examples = self.task.eval
@@ -133,17 +157,25 @@ class _Evaluator:
             torch.cuda.synchronize(self.device)
 
 
-def full_sender(model: TelepathyModel, pair: Pair, device: torch.device | str) -> nn.Module:
+def full_sender(model: TelepathyModel, pair: Pair, device: torch.device | str, attention: str = "auto") -> nn.Module:
     """The whole sender causal LM for the "sender" and "text_relay" baselines (training holds only its body
     up to the tap). A single-model pair reuses the receiver; otherwise it is loaded now, after training."""
     if pair.single:
         return model.receiver.lm
     device = torch.device(device)
-    return load_model(pair.sender, device=device, attn_implementation=select_attention(device)[0])
+    return load_model(pair.sender, device=device, attn_implementation=select_attention(device, attention)[0])
 
 
-def evaluate(model: TelepathyModel, task: Task, tokenizers, eval_cfg: EvalConfig, device: torch.device | str, *,
-             data_cfg: DataConfig | None = None, sender_lm: nn.Module | None = None) -> dict:
+def evaluate(
+    model: TelepathyModel,
+    task: Task,
+    tokenizers,
+    eval_cfg: EvalConfig,
+    device: torch.device | str,
+    *,
+    data_cfg: DataConfig | None = None,
+    sender_lm: nn.Module | None = None,
+) -> dict:
     """Accuracy of the bridge and of `eval_cfg.baselines` on `task.eval`, and bridge vs text-relay latency.
 
     `tokenizers` = (sender_tokenizer, receiver_tokenizer). The "sender" and "text_relay" baselines need the
@@ -154,13 +186,16 @@ def evaluate(model: TelepathyModel, task: Task, tokenizers, eval_cfg: EvalConfig
     device = torch.device(device)
     ev = _Evaluator(model, task, tokenizers, eval_cfg, data_cfg or DataConfig(), device, sender_lm)
     methods = ["bridge"] + [m for m in eval_cfg.baselines if m != "bridge"]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown evaluation method(s) {unknown}; known: {METHODS}")
     skipped = [m for m in methods if m in ("sender", "text_relay") and sender_lm is None]
-    result: dict = {"task": task.spec.name, "n": len(task.eval), "labels": list(task.spec.labels),
-                    "max_new_tokens": eval_cfg.max_new_tokens, "methods": {}, "latency_ms": {},
-                    "skipped": skipped}
+    result: dict = {
+        "task": task.spec.name,
+        "n": len(task.eval),
+        "labels": list(task.spec.labels),
+        "max_new_tokens": eval_cfg.max_new_tokens,
+        "methods": {},
+        "latency_ms": {},
+        "skipped": skipped,
+    }
     scored = [m for m in methods if m not in skipped]
     total = len(scored) * len(task.eval)
     ev.progress, ev._done = Progress(total, every=max(1, total // 10), label="eval", unit="sample"), 0
@@ -186,7 +221,9 @@ def format_eval_table(result: dict) -> str:
     rows = [("method", "accuracy", "unmatched", "latency ms (median)")]
     for method, r in result["methods"].items():
         lat = result["latency_ms"].get(method)
-        rows.append((method, f"{100 * r['accuracy']:.1f}%", str(r["unmatched"]), f"{lat['median']:.1f}" if lat else "-"))
+        rows.append(
+            (method, f"{100 * r['accuracy']:.1f}%", str(r["unmatched"]), f"{lat['median']:.1f}" if lat else "-")
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"task {result['task']}: n={result['n']}, chance {100 / len(result['labels']):.1f}%"]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

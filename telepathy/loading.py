@@ -13,10 +13,21 @@ import logging
 import os
 import zlib
 
+import psutil
 import torch
+import transformers
 from torch import nn
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers.utils import logging as hf_logging
 
+from telepathy.errors import UserError
 from telepathy.registry import ModelSpec, build_hf_config
+from telepathy.tokenizers import wheel_tokenizer
+
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x
+    from transformers.modeling_utils import no_init_weights
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +37,58 @@ INIT_STD = 0.02  # transformers' initializer_range default for Llama/Qwen2/Mistr
 # ~0.2, so it can never prefer one token, and nothing trained through it can learn to answer.
 _VOCAB_MATRICES = ("embed_tokens.weight", "lm_head.weight")
 _attention_logged = False
+_flash_checked: dict[str, tuple[bool, str]] = {}
 
 
-def select_attention(device: torch.device) -> tuple[str, str]:
-    """The attention implementation for models on `device`, and why (logged once per process)."""
-    from transformers.utils import is_flash_attn_2_available
+def flash_attention_works(device: torch.device) -> tuple[bool, str]:
+    """Whether FlashAttention-2 really runs on `device`: its compiled extension imports and a tiny call
+    computes. Package metadata alone (what transformers checks) also passes for a wheel built against
+    another torch, which then kills every rank at load. Cached per device."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False, f"no CUDA device ({device.type})"
+    key = str(device)
+    if key not in _flash_checked:
+        _flash_checked[key] = _probe_flash(device)
+    return _flash_checked[key]
 
-    if device.type == "cuda" and torch.cuda.is_available() and is_flash_attn_2_available():
-        choice = ("flash_attention_2", "flash-attn is installed and CUDA is available")
-    elif device.type == "cuda" and torch.cuda.is_available():
-        choice = ("sdpa", "flash-attn not installed; SDPA dispatches PyTorch's built-in flash kernel on CUDA bf16")
+
+def _probe_flash(device: torch.device) -> tuple[bool, str]:
+    try:
+        import flash_attn_2_cuda  # noqa: F401, PLC0415  the compiled extension: fails on an ABI mismatch
+        from flash_attn import flash_attn_func  # noqa: PLC0415  (flash-attn is optional)
+    except ImportError as e:
+        return False, f"flash-attn does not import ({str(e).splitlines()[0][:160]})"
+    try:
+        q = torch.randn(1, 16, 2, 64, device=device, dtype=torch.bfloat16)
+        flash_attn_func(q, q, q, causal=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001  any failure of the kernel means: do not use it
+        return (
+            False,
+            f"flash-attn imports but its kernel fails here ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+        )
+    return True, "flash-attn's kernel runs on this GPU"
+
+
+def select_attention(device: torch.device, requested: str = "auto") -> tuple[str, str]:
+    """The attention implementation for models on `device`, and why (logged once per process).
+    "auto": FlashAttention-2 when it works (flash_attention_works), else PyTorch SDPA."""
+    device = torch.device(device)
+    if device.type == "meta":  # the memory tracer: SDPA is what it can run
+        return "sdpa", "meta device"
+    if requested == "flash_attention_2":
+        works, why = flash_attention_works(device)
+        if not works:
+            raise UserError(f"train.attention is flash_attention_2 but {why}; use --attention auto or sdpa")
+        choice = ("flash_attention_2", f"as configured; {why}")
+    elif requested in ("sdpa", "eager"):
+        choice = (requested, "as configured")
     else:
-        choice = ("sdpa", f"no CUDA device ({device.type}); flash-attn needs one")
+        works, why = flash_attention_works(device)
+        # SDPA picks its kernel per call: with a padding mask (every batch here) that is the memory-efficient
+        # kernel on CUDA, not the flash one; on the CPU the math or flash CPU kernel.
+        choice = ("flash_attention_2", why) if works else ("sdpa", f"FlashAttention-2 not used: {why}")
     global _attention_logged
     if not _attention_logged:
         log.info("attention: %s (%s)", *choice)
@@ -77,12 +128,8 @@ def load_tokenizer(spec: ModelSpec):
     """The model's tokenizer with an explicit pad token (EOS when it has none) and right padding
     (training batches; code that batches generation switches to left padding itself)."""
     if spec.weights == "random":
-        from telepathy.tokenizers import wheel_tokenizer
-
         tok = wheel_tokenizer(spec.tokenizer or "")
     else:
-        from transformers import AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(spec.source)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -91,7 +138,6 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def _model_class(spec: ModelSpec, body: bool):
-    import transformers
 
     # LlamaForCausalLM -> LlamaModel: the body without the LM head.
     return getattr(transformers, spec.hf_class.replace("ForCausalLM", "Model") if body else spec.hf_class)
@@ -114,8 +160,15 @@ def seeded_init_(model: nn.Module, seed: int, namespace: str = "") -> None:
             p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=g))
 
 
-def load_model(spec: ModelSpec, *, device: torch.device | str, attn_implementation: str,
-               num_layers: int | None = None, seed: int = 0, device_map: dict | None = None):
+def load_model(
+    spec: ModelSpec,
+    *,
+    device: torch.device | str,
+    attn_implementation: str,
+    num_layers: int | None = None,
+    seed: int = 0,
+    device_map: dict | None = None,
+):
     """A frozen bf16 model in eval mode.
 
     Without `num_layers`: the full causal LM. With `num_layers=n`: only the body with its first n decoder
@@ -134,26 +187,22 @@ def load_model(spec: ModelSpec, *, device: torch.device | str, attn_implementati
         with torch.device("meta"):
             model = cls._from_config(config, dtype=torch.bfloat16)
     elif spec.weights == "random":
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # transformers 4.x
-            from transformers.modeling_utils import no_init_weights
-
-        with no_init_weights():  # seeded_init_ sets every parameter; HF's own init would be thrown away (2/3 of the time)
+        with (
+            no_init_weights()
+        ):  # seeded_init_ sets every parameter; HF's own init would be thrown away (2/3 of the time)
             model = cls._from_config(config, dtype=torch.bfloat16)
         model.tie_weights()  # skipped with the init above: tied LM heads would stay separate matrices
         seeded_init_(model, seed, spec.arch_key)
         model.to(device)
     else:
-        from transformers import AutoConfig
-
         # A fresh config truncated to the tap: from_pretrained then never materialises later layers.
         hf_config = AutoConfig.from_pretrained(spec.source, attn_implementation=attn_implementation)
         if body:
             hf_config.num_hidden_layers = num_layers
         with _quiet_if(body):  # the skipped later layers / LM head are reported as "unexpected" keys
-            model = cls.from_pretrained(spec.source, config=hf_config, dtype=torch.bfloat16,
-                                        device_map=device_map or {"": str(device)})
+            model = cls.from_pretrained(
+                spec.source, config=hf_config, dtype=torch.bfloat16, device_map=device_map or {"": str(device)}
+            )
     if not body:
         model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     if body and num_layers < spec.layers:
@@ -166,7 +215,6 @@ def load_model(spec: ModelSpec, *, device: torch.device | str, attn_implementati
 
 @contextlib.contextmanager
 def _quiet_if(quiet: bool):
-    from transformers.utils import logging as hf_logging
 
     before = hf_logging.get_verbosity()
     if quiet:
@@ -179,8 +227,8 @@ def _quiet_if(quiet: bool):
 
 def _contiguous_input(_module: nn.Module, args: tuple) -> tuple | None:
     """HF slices hidden states (logits_to_keep) before the LM head; on a strided 3-D input the CPU matmul
-    copies the whole vocabulary matrix once per row (step-calibration.md pitfall: 2.5 s instead of 10 ms
-    per generated token on tiny-qwen). Fresh standard strides keep it one matmul (`.contiguous()` is not
+    copies the whole vocabulary matrix once per row (2.5 s instead of 10 ms
+    per generated token on tiny-qwen, 10 ms without). Fresh standard strides keep it one matmul (`.contiguous()` is not
     enough: a (B,1,d) slice counts as contiguous but keeps its odd batch stride)."""
     x = args[0]
     if x.dim() <= 2:  # mm takes any strides; the training step already passes (tokens, d)
@@ -190,19 +238,24 @@ def _contiguous_input(_module: nn.Module, args: tuple) -> tuple | None:
 
 def generation_config(tokenizer, max_new_tokens: int):
     """The one generation config every evaluation path uses: greedy, explicit pad/EOS ids."""
-    from transformers import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                            bos_token_id=tokenizer.bos_token_id)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
 
 
 def memory_report(device: torch.device) -> dict[str, float]:
     """Peak memory in GiB: the CUDA allocator's maxima on a GPU, the process's resident set on the CPU."""
-    gib = 1024 ** 3
+    gib = 1024**3
     if device.type == "cuda":
-        return {"max_memory_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
-                "max_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / gib}
-    import psutil
+        return {
+            "max_memory_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
+            "max_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
+        }
 
     return {"rss_gib": psutil.Process().memory_info().rss / gib}

@@ -22,22 +22,25 @@ import json
 from dataclasses import dataclass, field
 
 from telepathy.bridge_shape import bridge_param_count, source_layer
-from telepathy.config import BACKENDS, BridgeConfig, DataConfig, TrainConfig
+from telepathy.config import BridgeConfig
 from telepathy.errors import UserError
 from telepathy.paths import configs_dir
 from telepathy.registry import ModelSpec, Pair
+from telepathy.shape import StepShape
 
 GIB = 2**30
 BF16, FP32, INT64 = 2, 4, 8
-ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
 # Backends telepathy/trace.py can trace (DeepSpeed's ZeRO buffers live outside what the tracker sees).
 TRACED_BACKENDS = ("ddp", "fsdp")
 
 
 def check_traceable(backend: str) -> None:
     if backend not in TRACED_BACKENDS:
-        raise UserError(f"--trace supports {' and '.join(TRACED_BACKENDS)}; for {backend} use the analytic estimate "
-                        "(launch memory without --trace)")
+        raise UserError(
+            f"--trace supports {' and '.join(TRACED_BACKENDS)}; for {backend} use the analytic estimate "
+            "(launch memory without --trace)"
+        )
+
 
 # The one definition of usable GPU memory. Profiles give GPU memory in GB (decimal, as sold: "80 GB");
 # the estimate is in GiB. Held back: the CUDA context, NCCL and cuBLAS workspaces (fixed) and allocator
@@ -48,16 +51,23 @@ FRAGMENTATION_SHARE = 0.05
 # The moments of a step that can hold its peak, each with the phase of the step it falls in (the tracer
 # reports one peak per phase: tests compare a phase's traced peak with its largest moment here).
 MOMENTS = {
-    "sender_unshard_first": "sender", "sender_unshard": "sender", "sender": "sender",
-    "bridge_unshard": "receiver", "bridge_forward": "receiver", "receiver_unshard": "receiver",
-    "receiver_unshard_first": "receiver", "receiver_forward": "receiver", "receiver_head_unshard": "receiver",
-    "receiver_recompute": "receiver", "receiver_layer_backward": "receiver", "receiver": "receiver",
-    "bridge_backward_last": "bridge_backward", "bridge_backward": "bridge_backward", "optimizer": "optimizer",
+    "sender_unshard_first": "sender",
+    "sender_unshard": "sender",
+    "sender": "sender",
+    "bridge_unshard": "receiver",
+    "bridge_forward": "receiver",
+    "receiver_unshard": "receiver",
+    "receiver_unshard_first": "receiver",
+    "receiver_forward": "receiver",
+    "receiver_head_unshard": "receiver",
+    "receiver_recompute": "receiver",
+    "receiver_layer_backward": "receiver",
+    "receiver": "receiver",
+    "bridge_backward_last": "bridge_backward",
+    "bridge_backward": "bridge_backward",
+    "optimizer": "optimizer",
 }
-# The receiver primer's length in tokens ("Sentiment:" and the other task primers are 3-4 tokens).
-PRIMER_LEN = 4
-COMPONENTS = ("frozen_weights", "bridge_params", "gradients", "optimizer", "activations", "temporaries",
-              "comm_buffers")
+COMPONENTS = ("frozen_weights", "bridge_params", "gradients", "optimizer", "activations", "temporaries", "comm_buffers")
 
 
 def gpu_gib(gpu_memory_gb: float) -> float:
@@ -76,9 +86,11 @@ def usable_gib(gpu_memory_gb: float, safety_margin: float | None = None) -> floa
 
 def margin_text(gpu_memory_gb: float) -> str:
     """How the margin was computed, for CLI output."""
-    return (f"{gpu_memory_gb:g} GB = {gpu_gib(gpu_memory_gb):.1f} GiB, minus {CONTEXT_RESERVE_GIB:g} GiB (CUDA context, "
-            f"NCCL/cuBLAS workspaces) and {FRAGMENTATION_SHARE:.0%} (allocator fragmentation) = "
-            f"{usable_gib(gpu_memory_gb):.1f} GiB usable")
+    return (
+        f"{gpu_memory_gb:g} GB = {gpu_gib(gpu_memory_gb):.1f} GiB, minus {CONTEXT_RESERVE_GIB:g} GiB (CUDA context, "
+        f"NCCL/cuBLAS workspaces) and {FRAGMENTATION_SHARE:.0%} (allocator fragmentation) = "
+        f"{usable_gib(gpu_memory_gb):.1f} GiB usable"
+    )
 
 
 @dataclass(frozen=True)
@@ -95,8 +107,12 @@ class MemoryEstimate:
         return sum(self.components.values())
 
     def to_dict(self) -> dict:
-        return {"total_gib": round(self.total_gib, 3), "phase": self.phase,
-                "components": {k: round(v, 3) for k, v in self.components.items()}, "knobs": dict(self.knobs)}
+        return {
+            "total_gib": round(self.total_gib, 3),
+            "phase": self.phase,
+            "components": {k: round(v, 3) for k, v in self.components.items()},
+            "knobs": dict(self.knobs),
+        }
 
 
 @dataclass(frozen=True)
@@ -114,11 +130,6 @@ class Line:
 # ---------------------------------------------------------------------------------------------- shapes
 
 
-def tapped_layers(sender: ModelSpec, bridge: BridgeConfig) -> int:
-    """Decoder layers the sender runs: `hidden_states[i]` needs layers 0..i-1."""
-    return source_layer(bridge, sender)
-
-
 def frozen_param_counts(pair: Pair, bridge: BridgeConfig, sender_cache: bool = False) -> dict[str, int]:
     """Frozen parameters that are built: the sender body up to the tap (embeddings + tapped layers, no
     LM head; the final norm only when every layer runs; none with the sender cache) and the whole
@@ -127,7 +138,7 @@ def frozen_param_counts(pair: Pair, bridge: BridgeConfig, sender_cache: bool = F
     if pair.single or sender_cache:
         return {"sender": 0, "receiver": r["total"]}
     s = pair.sender.param_counts()
-    n = tapped_layers(pair.sender, bridge)
+    n = source_layer(bridge, pair.sender)  # decoder layers run: hidden_states[n] needs layers 0..n-1
     sender = s["embed"] + n * s["layer"] + (s["norm"] if n == pair.sender.layers else 0)
     return {"sender": sender, "receiver": r["total"]}
 
@@ -147,46 +158,15 @@ def _q(spec: ModelSpec) -> int:
 # -------------------------------------------------------------------------------------- per-moment bytes
 
 
-@dataclass(frozen=True)
-class _Step:
-    """Everything the byte counts need, resolved once."""
+def _bridge_bytes(st: StepShape) -> int:
+    return FP32 if st.bridge_dtype == "float32" else BF16
 
-    pair: Pair
-    bridge: BridgeConfig
-    backend: str
-    world: int
-    seq: int  # sender tokens
-    answer: int
-    primer: int
-    zero_stage: int
-    attention: str
-    ckpt: bool
-    answer_only: bool
-    bridge_dtype: str
-    sender_cache: bool  # batches carry the sender's tapped states (telepathy/cache.py): no sender is built
 
-    @property
-    def tapped(self) -> int:
-        return tapped_layers(self.pair.sender, self.bridge)
-
-    @property
-    def bridge_bytes(self) -> int:
-        return FP32 if self.bridge_dtype == "float32" else BF16
-
-    @property
-    def recv_tokens(self) -> int:
-        return self.primer + self.bridge.soft_tokens + self.answer
-
-    @property
-    def logit_rows(self) -> int:
-        return self.answer if self.answer_only else self.recv_tokens
-
-    @property
-    def inputs(self) -> int:
-        """The batch (int64 ids and masks; cached bf16 sender states instead of sender ids), alive through
-        the whole step."""
-        sender = BF16 * self.pair.sender.hidden if self.sender_cache else INT64
-        return self.seq * (sender + INT64) + INT64 * (self.primer + 2 * self.answer)
+def _inputs(st: StepShape) -> int:
+    """The batch (int64 ids and masks; cached bf16 sender states instead of sender ids), alive through
+    the whole step."""
+    sender = BF16 * st.pair.sender.hidden if st.sender_cache else INT64
+    return st.seq_len * (sender + INT64) + INT64 * (st.primer_len + 2 * st.answer_len)
 
 
 def _attn_saved_per_token(spec: ModelSpec, attention: str, tokens: int) -> float:
@@ -210,21 +190,21 @@ def _receiver_layer_saved(spec: ModelSpec, attention: str, tokens: int) -> float
     return tokens * per_token
 
 
-def _sender_tokens_bytes(st: _Step, hidden_tensors: int) -> float:
+def _sender_tokens_bytes(st: StepShape, hidden_tensors: int) -> float:
     """Per sample in the sender's forward, outside a layer's own work: the batch, `hidden_tensors`
     hidden-size bf16 tensors over the sender tokens, and the (s x s) boolean padding mask, which lives
     through the whole forward (FlashAttention-2 needs none)."""
-    s = st.seq
+    s = st.seq_len
     mask = 0 if st.attention == "flash_attention_2" else s
-    return st.inputs + s * (hidden_tensors * BF16 * st.pair.sender.hidden + mask)
+    return _inputs(st) + s * (hidden_tensors * BF16 * st.pair.sender.hidden + mask)
 
 
-def _sender_layer_peak(st: _Step) -> float:
+def _sender_layer_peak(st: StepShape) -> float:
     """Per sample, the peak inside a sender layer after the first (no grad): four hidden-size tensors (the
     embedding output, which HF keeps, the layer input, the post-attention residual and the normed input)
     plus SwiGLU's silu(gate), up and their product; or attention's q, repeated k and v, output and rotary
     temporaries, with the kernel's converted mask (SDPA) or the fp32 + bf16 scores (eager)."""
-    spec, s, n = st.pair.sender, st.seq, st.tapped
+    spec, s, n = st.pair.sender, st.seq_len, st.tapped_layers
     if n == 0:
         return _sender_tokens_bytes(st, 1)
     hidden_tensors = 4 if n >= 2 else 3  # in the first layer the layer input is the embedding output
@@ -237,119 +217,142 @@ def _sender_layer_peak(st: _Step) -> float:
     return _sender_tokens_bytes(st, 0) + s * max(mlp, attn)
 
 
-def _bridge_input_saved(st: _Step) -> float:
+def _bridge_input_saved(st: StepShape) -> float:
     """Per sender token: the input LayerNorm's input (new memory unless it is a cached batch tensor already
     in the bridge's dtype) and the input projection's input (when the widths differ)."""
-    d_s, e = st.pair.sender.hidden, st.bridge_bytes
+    d_s, e = st.pair.sender.hidden, _bridge_bytes(st)
     norm_input = 0 if st.sender_cache and e == BF16 else e * d_s
     return norm_input + e * d_s * (d_s != st.pair.receiver.hidden)
 
 
-def _bridge_seq_saved(st: _Step) -> float:
+def _bridge_seq_saved(st: StepShape) -> float:
     """Per sample, what the bridge (telepathy/bridge.py) saves over the sender tokens: the input
     LayerNorm's input, the input projection's input (when the widths differ), the keys (one tensor that
     every block's k and v projections save) and per block the k and v projections' outputs (saved by
     attention); plus the keep mask and its per-block converted copies (a few bytes)."""
     b = st.bridge
-    return st.seq * (_bridge_input_saved(st) + st.bridge_bytes * st.pair.receiver.hidden * (1 + 2 * b.depth) + 8)
+    return st.seq_len * (_bridge_input_saved(st) + _bridge_bytes(st) * st.pair.receiver.hidden * (1 + 2 * b.depth) + 8)
 
 
-def _latent_block(st: _Step) -> float:
+def _latent_block(st: StepShape) -> float:
     """Per sample, what one bridge block saves over the K latents: the MLP's hidden and GELU output (r
     widths each) and 14 more widths: three LayerNorm inputs, the cross-attention's q-projection input, q,
     output and out-projection input, the self-attention's shared projection input, q, k, v, output and
     out-projection input, and the MLP's input."""
     b = st.bridge
-    return b.soft_tokens * st.bridge_bytes * st.pair.receiver.hidden * (14 + 2 * b.mlp_ratio)
+    return b.soft_tokens * _bridge_bytes(st) * st.pair.receiver.hidden * (14 + 2 * b.mlp_ratio)
 
 
-def _bridge_latent_saved(st: _Step) -> float:
+def _bridge_latent_saved(st: StepShape) -> float:
     """Per sample over the K latents: every block's tensors (_latent_block), then the output RMS-norm's two
     fp32 tensors."""
     return st.bridge.depth * _latent_block(st) + st.bridge.soft_tokens * 2 * FP32 * st.pair.receiver.hidden
 
 
-def _receiver_saved(st: _Step) -> float:
+def _receiver_saved(st: StepShape) -> float:
     """Per sample, everything saved for backward when the receiver's forward ends: the bridge's tensors,
     the receiver's layers (only each layer's input under activation checkpointing), the final norm's
     fp32 input and log-softmax's fp32 output over the logit rows."""
-    R, t = st.pair.receiver, st.recv_tokens
-    layers = R.layers * (t * BF16 * R.hidden if st.ckpt else _receiver_layer_saved(R, st.attention, t))
-    return (_bridge_seq_saved(st) + _bridge_latent_saved(st) + layers + t * FP32 * R.hidden
-            + st.logit_rows * FP32 * R.vocab)
+    R, t = st.pair.receiver, st.receiver_tokens
+    layers = R.layers * (
+        t * BF16 * R.hidden if st.activation_checkpointing else _receiver_layer_saved(R, st.attention, t)
+    )
+    return (
+        _bridge_seq_saved(st) + _bridge_latent_saved(st) + layers + t * FP32 * R.hidden + st.logit_rows * FP32 * R.vocab
+    )
 
 
-def _bridge_backward(st: _Step) -> dict[str, dict[str, float]]:
+def _bridge_backward(st: StepShape) -> dict[str, dict[str, float]]:
     """Per sample while block k's cross-attention runs backward: the input layers' inputs, the keys,
     blocks 0..k's k/v outputs and blocks 0..k-1's latent tensors are saved; temporaries are the gradients
     of block k's k and v outputs, plus (below the last block) the keys' gradient summed from the blocks
     after it. Block k = depth-1 holds the most saved tensors, block 0 the most gradients (_fixed)."""
-    b, d, e = st.bridge, st.pair.receiver.hidden, st.bridge_bytes
+    b, d, e = st.bridge, st.pair.receiver.hidden, _bridge_bytes(st)
 
     def at(k: int) -> dict[str, float]:
-        saved = st.seq * (_bridge_input_saved(st) + e * d * (1 + 2 * (k + 1))) + k * _latent_block(st)
+        saved = st.seq_len * (_bridge_input_saved(st) + e * d * (1 + 2 * (k + 1))) + k * _latent_block(st)
         grads = 2 + (k < b.depth - 1)
-        return {"activations": st.inputs + saved, "temporaries": st.seq * e * grads * d}
+        return {"activations": _inputs(st) + saved, "temporaries": st.seq_len * e * grads * d}
 
     return {"bridge_backward_last": at(b.depth - 1), "bridge_backward": at(0)}
 
 
-def _per_sample(st: _Step) -> dict[str, dict[str, float]]:
+def _per_sample(st: StepShape) -> dict[str, dict[str, float]]:
     """Per-sample bytes at each moment (MOMENTS) that can hold the peak, by component. The *_unshard
     moments and receiver_forward matter only under FSDP (see _fsdp_comm); otherwise they lie below the
     moment that follows them."""
     R, d, d_s = st.pair.receiver, st.pair.receiver.hidden, st.pair.sender.hidden
-    e = st.bridge_bytes
+    e = _bridge_bytes(st)
     # The sender's output; its caller holds it until the bridge returns (with the cache it is in the batch).
-    states = 0 if st.sender_cache else st.seq * BF16 * d_s
+    states = 0 if st.sender_cache else st.seq_len * BF16 * d_s
     bridge = _bridge_seq_saved(st) + _bridge_latent_saved(st)
-    layer = _receiver_layer_saved(R, st.attention, st.recv_tokens)
-    sender = ({m: {"activations": st.inputs} for m in ("sender_unshard_first", "sender_unshard", "sender")}
-              if st.sender_cache else {
-                  "sender_unshard_first": {"activations": _sender_tokens_bytes(st, 1)},
-                  "sender_unshard": {"activations": _sender_tokens_bytes(st, 2)},
-                  "sender": {"activations": _sender_layer_peak(st)}})
+    layer = _receiver_layer_saved(R, st.attention, st.receiver_tokens)
+    sender = (
+        {m: {"activations": _inputs(st)} for m in ("sender_unshard_first", "sender_unshard", "sender")}
+        if st.sender_cache
+        else {
+            "sender_unshard_first": {"activations": _sender_tokens_bytes(st, 1)},
+            "sender_unshard": {"activations": _sender_tokens_bytes(st, 2)},
+            "sender": {"activations": _sender_layer_peak(st)},
+        }
+    )
     return {
         **sender,
-        "bridge_unshard": {"activations": st.inputs + states},
+        "bridge_unshard": {"activations": _inputs(st) + states},
         # The last block's cross-attention forward: two widths of transients beside what it saves.
-        "bridge_forward": {"activations": st.inputs + states + bridge, "temporaries": st.seq * e * 2 * d},
-        "receiver_unshard": {"activations": st.inputs + bridge},
-        "receiver_unshard_first": {"activations": st.inputs + bridge},
-        "receiver_forward": {"activations": st.inputs + _receiver_saved(st) - layer
-                             - st.logit_rows * FP32 * R.vocab - st.recv_tokens * FP32 * R.hidden},
+        "bridge_forward": {"activations": _inputs(st) + states + bridge, "temporaries": st.seq_len * e * 2 * d},
+        "receiver_unshard": {"activations": _inputs(st) + bridge},
+        "receiver_unshard_first": {"activations": _inputs(st) + bridge},
+        "receiver_forward": {
+            "activations": _inputs(st)
+            + _receiver_saved(st)
+            - layer
+            - st.logit_rows * FP32 * R.vocab
+            - st.receiver_tokens * FP32 * R.hidden
+        },
         # Backward re-gathers the receiver's head (its remainder) with everything saved.
-        "receiver_head_unshard": {"activations": st.inputs + _receiver_saved(st)},
+        "receiver_head_unshard": {"activations": _inputs(st) + _receiver_saved(st)},
         # Activation checkpointing: one layer recomputed beside every layer's input (without checkpointing
         # this moment is receiver_layer_backward without its temporaries).
-        "receiver_recompute": {"activations": st.inputs + _receiver_saved(st) + layer * st.ckpt
-                               - st.logit_rows * FP32 * R.vocab},
+        "receiver_recompute": {
+            "activations": _inputs(st)
+            + _receiver_saved(st)
+            + layer * st.activation_checkpointing
+            - st.logit_rows * FP32 * R.vocab
+        },
         # The last layer's backward, the loss's tensors freed: gradients of three intermediate-size tensors.
-        "receiver_layer_backward": {"activations": st.inputs + _receiver_saved(st) - st.logit_rows * FP32 * R.vocab,
-                                    "temporaries": st.recv_tokens * 3 * BF16 * R.intermediate},
+        "receiver_layer_backward": {
+            "activations": _inputs(st) + _receiver_saved(st) - st.logit_rows * FP32 * R.vocab,
+            "temporaries": st.receiver_tokens * 3 * BF16 * R.intermediate,
+        },
         # Backward starts with the loss: the gradients of log-softmax's output and input exist together
         # while its output is still saved; the soft tokens' gradient from the diversity term waits.
-        "receiver": {"activations": st.inputs + _receiver_saved(st),
-                     "temporaries": st.logit_rows * 2 * FP32 * R.vocab + st.bridge.soft_tokens * d * BF16},
+        "receiver": {
+            "activations": _inputs(st) + _receiver_saved(st),
+            "temporaries": st.logit_rows * 2 * FP32 * R.vocab + st.bridge.soft_tokens * d * BF16,
+        },
         # The bridge's backward over the sender tokens, in the cross-attention k/v projection of its last
         # block and of its first (see _bridge_backward).
         **_bridge_backward(st),
-        "optimizer": {"activations": st.inputs},
+        "optimizer": {"activations": _inputs(st)},
     }
 
 
-def _fsdp_units(st: _Step) -> dict[str, float]:
+def _fsdp_units(st: StepShape) -> dict[str, float]:
     """Bytes of each FSDP2 unit backends.FSDPWrapped shards, unsharded: a decoder layer of each model,
     each model's remainder (embeddings, final norm, LM head) and the bridge."""
     S, R = st.pair.sender.param_counts(), st.pair.receiver.param_counts()
-    n, built = st.tapped, not st.sender_cache
-    return {"sender_layer": BF16 * S["layer"] * built, "receiver_layer": BF16 * R["layer"],
-            "sender_root": BF16 * (S["embed"] + (S["norm"] if n == st.pair.sender.layers else 0)) * built,
-            "receiver_root": BF16 * (R["embed"] + R["norm"] + R["lm_head"]),
-            "bridge": st.bridge_bytes * bridge_params(st.pair, st.bridge)}
+    n, built = st.tapped_layers, not st.sender_cache
+    return {
+        "sender_layer": BF16 * S["layer"] * built,
+        "receiver_layer": BF16 * R["layer"],
+        "sender_root": BF16 * (S["embed"] + (S["norm"] if n == st.pair.sender.layers else 0)) * built,
+        "receiver_root": BF16 * (R["embed"] + R["norm"] + R["lm_head"]),
+        "bridge": _bridge_bytes(st) * bridge_params(st.pair, st.bridge),
+    }
 
 
-def _fsdp_comm(st: _Step) -> dict[str, float]:
+def _fsdp_comm(st: StepShape) -> dict[str, float]:
     """Unsharded parameters and all-gather buffers per moment under FSDP2 (_fsdp_param_group.py), as the
     fake-tensor trace sees them. A unit's parameters are gathered into a buffer, then copied out into
     the unsharded parameters; in forward the buffer is freed only at the next unit's copy-out, so a
@@ -358,9 +361,14 @@ def _fsdp_comm(st: _Step) -> dict[str, float]:
     In backward each unit prefetches the unit before it in forward order; for the bridge that is the
     sender's remainder, gathered for a backward a no-grad sender never runs (freed at the end)."""
     u = _fsdp_units(st)
-    s_root, s_layer, r_root, r_layer, b = (u["sender_root"], u["sender_layer"], u["receiver_root"],
-                                           u["receiver_layer"], u["bridge"])
-    n = st.tapped
+    s_root, s_layer, r_root, r_layer, b = (
+        u["sender_root"],
+        u["sender_layer"],
+        u["receiver_root"],
+        u["receiver_layer"],
+        u["bridge"],
+    )
+    n = st.tapped_layers
     return {
         "sender_unshard_first": 2 * s_root + (2 * s_layer if n else 0),  # first layer's copy-out
         "sender_unshard": s_root + 3 * s_layer if n >= 2 else 0.0,  # a later layer's copy-out
@@ -390,11 +398,11 @@ def _zero_config(stage: int) -> dict:
         raise UserError(f"cannot read {path} ({e}); restore configs/deepspeed/") from None
 
 
-def _fixed(st: _Step) -> dict[str, dict[str, float]]:
+def _fixed(st: StepShape) -> dict[str, dict[str, float]]:
     """Batch-independent bytes per GPU at each moment (see _per_sample), by component."""
     frozen = sum(frozen_param_counts(st.pair, st.bridge, st.sender_cache).values())
     p = bridge_params(st.pair, st.bridge)
-    w, e = st.world, st.bridge_bytes
+    w, e = st.world_size, _bridge_bytes(st)
     # The bridge trains in train.bridge_dtype: parameters, gradients and both AdamW moments in that dtype;
     # the fused AdamW (backends.make_optimizer) updates in place, with no temporaries.
     resident = {"frozen_weights": BF16 * frozen, "bridge_params": e * p, "optimizer": 2 * e * p}
@@ -428,28 +436,7 @@ def _fixed(st: _Step) -> dict[str, dict[str, float]]:
     return out
 
 
-def _resolve(pair: Pair, *, backend: str, world_size: int, seq_len: int, answer_len: int, primer_len: int,
-             bridge: BridgeConfig, zero_stage: int, attention: str, activation_checkpointing: bool,
-             answer_only_logits: bool, bridge_dtype: str, sender_cache: bool) -> _Step:
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
-    if attention not in ATTENTIONS:
-        raise UserError(f"unknown attention '{attention}'; use one of {', '.join(ATTENTIONS)}")
-    if bridge_dtype not in ("bfloat16", "float32"):
-        raise UserError(f"bridge dtype must be bfloat16 or float32 (got {bridge_dtype})")
-    if world_size < 1 or seq_len < 1 or answer_len < 1 or primer_len < 0:
-        raise UserError("world size, sequence length and answer length must be >= 1 (primer length >= 0)")
-    if zero_stage not in (2, 3):
-        raise UserError(f"zero_stage must be 2 or 3 (got {zero_stage})")
-    tapped_layers(pair.sender, bridge)
-    if backend == "fsdp" and world_size > 1 and pair.single:
-        raise UserError("backend fsdp cannot shard a single-model pair (sender and receiver share weights); "
-                        "use --backend ddp or deepspeed")
-    return _Step(pair, bridge, backend, world_size, seq_len, answer_len, primer_len, zero_stage, attention,
-                 activation_checkpointing, answer_only_logits, bridge_dtype, sender_cache)
-
-
-def _by_moment(st: _Step, micro_batch: int) -> dict[str, dict[str, float]]:
+def _by_moment(st: StepShape, micro_batch: int) -> dict[str, dict[str, float]]:
     """GiB by moment and component at `micro_batch`."""
     fixed, per = _fixed(st), _per_sample(st)
     out = {}
@@ -466,40 +453,31 @@ def _by_moment(st: _Step, micro_batch: int) -> dict[str, dict[str, float]]:
 # -------------------------------------------------------------------------------------------- public API
 
 
-def estimate(pair: Pair, *, micro_batch: int, seq_len: int, backend: str = "ddp", world_size: int = 1,
-             answer_len: int = DataConfig.answer_length, primer_len: int = PRIMER_LEN,
-             bridge: BridgeConfig = BridgeConfig(), zero_stage: int = TrainConfig.zero_stage,
-             attention: str = "sdpa", activation_checkpointing: bool = False, answer_only_logits: bool = True,
-             bridge_dtype: str = TrainConfig.bridge_dtype,
-             sender_cache: bool = TrainConfig.sender_cache) -> MemoryEstimate:
-    """Per-GPU peak memory of one training step: GiB by component at the moment that sets the peak.
-
-    seq_len: sender input tokens; the receiver reads primer_len + bridge.soft_tokens + answer_len.
-    attention: the kernel the GPU run uses (sdpa, flash_attention_2 or eager). bridge_dtype: the bridge's
-    parameters, gradients and AdamW state (train.bridge_dtype). sender_cache: batches carry cached sender
-    states (train.sender_cache), so no sender is built or run."""
+def estimate(shape: StepShape, micro_batch: int) -> MemoryEstimate:
+    """Per-GPU peak memory of one training step of `shape` at `micro_batch`: GiB by component at the
+    moment that sets the peak."""
     if micro_batch < 0:
         raise UserError(f"micro-batch must be >= 0 (got {micro_batch})")
-    knobs = dict(seq_len=seq_len, backend=backend, world_size=world_size, answer_len=answer_len,
-                 primer_len=primer_len, zero_stage=zero_stage, attention=attention,
-                 activation_checkpointing=activation_checkpointing, answer_only_logits=answer_only_logits,
-                 bridge_dtype=bridge_dtype, sender_cache=sender_cache)
-    moments = _by_moment(_resolve(pair, bridge=bridge, **knobs), micro_batch)
+    moments = _by_moment(shape, micro_batch)
     peak = max(moments, key=lambda m: sum(moments[m].values()))
-    return MemoryEstimate(moments[peak], peak, {m: sum(c.values()) for m, c in moments.items()},
-                          {"micro_batch": micro_batch, **knobs})
+    return MemoryEstimate(
+        moments[peak],
+        peak,
+        {m: sum(c.values()) for m, c in moments.items()},
+        {"micro_batch": micro_batch, **shape.to_dict()},
+    )
 
 
-def peak_lines(pair: Pair, **knobs) -> list[Line]:
-    """Each moment as fixed + per-sample GiB (`estimate`'s knobs, without micro_batch)."""
-    zero, one = estimate(pair, micro_batch=0, **knobs).phases, estimate(pair, micro_batch=1, **knobs).phases
+def peak_lines(shape: StepShape) -> list[Line]:
+    """Each moment as fixed + per-sample GiB."""
+    zero, one = estimate(shape, 0).phases, estimate(shape, 1).phases
     return [Line(p, zero[p], one[p] - zero[p]) for p in zero]
 
 
-def max_micro_batch(pair: Pair, *, gpu_memory_gb: float, safety_margin_gib: float | None = None, **knobs) -> int:
+def max_micro_batch(shape: StepShape, gpu_memory_gb: float, safety_margin_gib: float | None = None) -> int:
     """The largest micro-batch whose estimate fits the usable memory (`usable_gib`); 0 if none does."""
     budget = usable_gib(gpu_memory_gb, safety_margin_gib)
-    lines = peak_lines(pair, **knobs)
+    lines = peak_lines(shape)
     if any(line.fixed_gib > budget for line in lines):
         return 0
     n = min(int((budget - line.fixed_gib) / line.per_sample_gib) for line in lines if line.per_sample_gib > 0)
@@ -508,9 +486,11 @@ def max_micro_batch(pair: Pair, *, gpu_memory_gb: float, safety_margin_gib: floa
     return n
 
 
-def weights_fit(pair: Pair, *, backend: str, world_size: int, gpu_memory_gb: float,
-                bridge: BridgeConfig = BridgeConfig(), sender_cache: bool = False) -> bool:
-    """False when the frozen weights alone (per GPU under `backend`) exceed the usable memory."""
-    est = estimate(pair, micro_batch=0, seq_len=1, backend=backend, world_size=world_size, bridge=bridge,
-                   sender_cache=sender_cache)
-    return est.components["frozen_weights"] <= usable_gib(gpu_memory_gb)
+def frozen_weights_gib(shape: StepShape) -> float:
+    """The frozen weights alone, per GPU under the shape's backend."""
+    return estimate(shape, 0).components["frozen_weights"]
+
+
+def weights_fit(shape: StepShape, gpu_memory_gb: float) -> bool:
+    """False when the frozen weights alone (per GPU under the shape's backend) exceed the usable memory."""
+    return frozen_weights_gib(shape) <= usable_gib(gpu_memory_gb)

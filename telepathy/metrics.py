@@ -1,4 +1,4 @@
-"""Training metrics (rank 0): one JSON line per record in `RUN/metrics.jsonl`, and a progress display.
+"""Training metrics (rank 0): one JSON line per record in the run's metrics file, and a progress display.
 
 Every record goes through `MetricsWriter.write`, the single place to add another sink (e.g. TensorBoard).
 The progress display is a live bar with rate and ETA on a terminal and plain periodic lines otherwise
@@ -14,22 +14,25 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-METRICS_FILE = "metrics.jsonl"
+from telepathy.rundir import RunDir
 
 
 class MetricsWriter:
-    """Appends records to metrics.jsonl; a no-op on ranks other than 0."""
+    """Appends records to the metrics file; a no-op on ranks other than 0."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, resumed_at: int = 0):
-        from telepathy.tb import TensorBoardSink
+    def __init__(self, run_dir: str | Path | RunDir, enabled: bool = True, resumed_at: int = 0):
+        from telepathy.tb import TensorBoardSink  # noqa: PLC0415  (tensorboard only where metrics are written)
 
-        self.path = Path(run_dir) / METRICS_FILE
+        run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.path = run_dir.metrics
         self._f: TextIO | None = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "a", buffering=1)  # line-buffered: a killed job keeps every full line
         # After a requeue, TensorBoard drops the steps logged after the checkpoint (they are redone).
-        self._tensorboard = TensorBoardSink(run_dir, enabled=enabled, purge_step=resumed_at + 1 if resumed_at else None)
+        self._tensorboard = TensorBoardSink(
+            run_dir.path, enabled=enabled, purge_step=resumed_at + 1 if resumed_at else None
+        )
 
     def write(self, record: dict[str, Any]) -> None:
         """One record (with "kind" and "step") to every sink."""
@@ -47,11 +50,11 @@ class MetricsWriter:
 def _jsonable(x: Any) -> Any:
     if hasattr(x, "item"):  # tensors and numpy scalars
         return x.item()
-    raise TypeError(f"cannot write {type(x).__name__} to metrics.jsonl")
+    raise TypeError(f"cannot write {type(x).__name__} to the metrics file")
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: str | Path | RunDir) -> list[dict[str, Any]]:
+    path = (run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)).metrics
     if not path.exists():
         return []
     records = []
@@ -61,6 +64,32 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:  # a line cut short by a kill: every full line before it still counts
             continue
     return records
+
+
+def method_results(ev: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{method: {"accuracy": %, "latency_ms": median ms or None, "unmatched": n}} for the bridge and each
+    baseline of an evaluation (telepathy/evaluate.py: accuracy as a fraction, latency per method)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, r in ev.get("methods", {}).items():
+        lat = ev.get("latency_ms", {}).get(name)
+        out[name] = {
+            "accuracy": 100.0 * r["accuracy"],
+            "latency_ms": lat["median"] if lat else None,
+            "unmatched": r.get("unmatched"),
+        }
+    return out
+
+
+def eval_record(ev: dict[str, Any], step: int) -> dict[str, Any]:
+    """The metrics record of an evaluation (accuracy %, latency ms per method): written after the evaluation
+    file, so TensorBoard shows it beside the training curves."""
+    res = method_results(ev)
+    return {
+        "kind": "eval",
+        "step": step,
+        "accuracy": {m: r["accuracy"] for m, r in res.items()},
+        "latency_ms": {m: r["latency_ms"] for m, r in res.items() if r["latency_ms"] is not None},
+    }
 
 
 def format_duration(seconds: float) -> str:
@@ -74,8 +103,16 @@ class Progress:
     """Shows done/total, rate and ETA for any long local work (training steps, evaluated samples, cached
     examples). On a terminal a live bar; otherwise a plain line each time another `every` units are done."""
 
-    def __init__(self, total: int, start: int = 0, every: int = 10, enabled: bool = True,
-                 stream: TextIO | None = None, label: str = "step", unit: str = "step"):
+    def __init__(
+        self,
+        total: int,
+        start: int = 0,
+        every: int = 10,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        label: str = "step",
+        unit: str = "step",
+    ):
         self.total, self.start, self.every, self.enabled = total, start, max(1, every), enabled
         self.label, self.unit = label, unit
         self.stream = stream or sys.stderr
@@ -83,13 +120,18 @@ class Progress:
         self._printed = start
         self._bar: Any = None
         if enabled and self.stream.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
-            from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+            from rich.console import Console  # noqa: PLC0415  (rich only on a terminal)
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: PLC0415  (rich only on a terminal)
+            from rich.progress import Progress as RichProgress  # noqa: PLC0415  (rich only on a terminal)
 
             self._bar = RichProgress(
-                TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn(label),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
                 console=Console(file=self.stream),
             )
             self._task = self._bar.add_task(label, total=total, completed=start, info="", rate="")
@@ -107,8 +149,11 @@ class Progress:
         elif done // self.every > self._printed // self.every or done == self.total:
             self._printed = done
             eta = (self.total - done) / rate if rate > 0 else math.inf
-            print(f"{self.label} {done}/{self.total} {info} | {rate:.2f} {self.unit}s/s, eta {format_duration(eta)}",
-                  file=self.stream, flush=True)
+            print(
+                f"{self.label} {done}/{self.total} {info} | {rate:.2f} {self.unit}s/s, eta {format_duration(eta)}",
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._bar is not None:

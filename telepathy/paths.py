@@ -3,6 +3,10 @@
 import os
 from pathlib import Path
 
+import yaml
+
+from telepathy.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,9 +20,6 @@ def data_dir() -> Path:
 
 def read_yaml(path: Path, what: str, missing_fix: str):
     """A config file's YAML, or a one-line UserError naming the file (and line) and the fix."""
-    import yaml
-
-    from telepathy.errors import UserError
 
     try:
         return yaml.safe_load(Path(path).read_text())

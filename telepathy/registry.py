@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from telepathy.errors import UserError
 from telepathy.paths import configs_dir, read_yaml
 
@@ -65,8 +64,14 @@ class ModelSpec:
         layer = attn + mlp + 2 * h
         embed = self.vocab * h
         head = 0 if self.tied_embeddings else self.vocab * h
-        return {"embed": embed, "layer": layer, "layers": layer * self.layers, "norm": h, "lm_head": head,
-                "total": embed + layer * self.layers + h + head}
+        return {
+            "embed": embed,
+            "layer": layer,
+            "layers": layer * self.layers,
+            "norm": h,
+            "lm_head": head,
+            "total": embed + layer * self.layers + h + head,
+        }
 
     @property
     def n_params(self) -> int:
@@ -115,8 +120,10 @@ class Registry:
             return spec_from_local_dir(Path(name))
         hint = difflib.get_close_matches(name, self.aliases(), n=1, cutoff=0.5)
         did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise UserError(f"unknown model '{name}'{did_you_mean}; known aliases: {', '.join(self.aliases())}; "
-                        "or pass a hub id from configs/models.yaml or a local checkpoint directory")
+        raise UserError(
+            f"unknown model '{name}'{did_you_mean}; known aliases: {', '.join(self.aliases())}; "
+            "or pass a hub id from configs/models.yaml or a local checkpoint directory"
+        )
 
     def pair(self, pair: str | None = None, sender: str | None = None, receiver: str | None = None) -> Pair:
         """Resolve `--pair A-B` (aliases contain dots and dashes: every split point is tried and
@@ -125,7 +132,9 @@ class Registry:
             raise UserError("give either --pair or --sender/--receiver, not both")
         if not pair:
             if not sender:
-                raise UserError("no model pair given; pass --pair SENDER-RECEIVER (e.g. llama3b-qwen3b) or --sender/--receiver")
+                raise UserError(
+                    "no model pair given; pass --pair SENDER-RECEIVER (e.g. llama3b-qwen3b) or --sender/--receiver"
+                )
             s = self.get(sender)
             return Pair(s, self.get(receiver) if receiver else s)
         pair = pair.strip()
@@ -134,13 +143,15 @@ class Registry:
         if pair in self.models:
             s = self.models[pair]
             return Pair(s, s)
-        splits = [(pair[:i], pair[i + 1:]) for i, c in enumerate(pair) if c == "-"]
+        splits = [(pair[:i], pair[i + 1 :]) for i, c in enumerate(pair) if c == "-"]
         found = [(a, b) for a, b in splits if a in self.models and b in self.models]
         if len(found) == 1:
             a, b = found[0]
             return Pair(self.models[a], self.models[b])
         if len(found) > 1:  # cannot happen with the shipped aliases; guards a future registry edit
-            raise UserError(f"pair '{pair}' is ambiguous ({' | '.join(f'{a} + {b}' for a, b in found)}); use --sender/--receiver")
+            raise UserError(
+                f"pair '{pair}' is ambiguous ({' | '.join(f'{a} + {b}' for a, b in found)}); use --sender/--receiver"
+            )
         # Name the side that is wrong, with a did-you-mean.
         for a, b in splits:
             if a in self.models:
@@ -149,8 +160,10 @@ class Registry:
                 self.get(a)
         hint = difflib.get_close_matches(pair, [f"{a}-{b}" for a in self.models for b in self.models], n=1, cutoff=0.6)
         did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise UserError(f"unknown pair '{pair}'{did_you_mean}; use SENDER-RECEIVER with aliases from "
-                        "`launch models`, e.g. llama3b-qwen3b")
+        raise UserError(
+            f"unknown pair '{pair}'{did_you_mean}; use SENDER-RECEIVER with aliases from "
+            "`launch models`, e.g. llama3b-qwen3b"
+        )
 
 
 def _spec(alias: str, entry: dict, families: dict, *, where: str) -> ModelSpec:
@@ -160,12 +173,20 @@ def _spec(alias: str, entry: dict, families: dict, *, where: str) -> ModelSpec:
         if missing:
             raise KeyError(", ".join(missing))
         return ModelSpec(
-            alias=alias, family=entry["family"], hf_class=fam["hf_class"], hf_config=fam["hf_config"],
-            qkv_bias=bool(fam["qkv_bias"]), **{k: int(entry[k]) for k in _ARCH_FIELDS},
-            tied_embeddings=bool(entry["tied_embeddings"]), rope_theta=float(entry["rope_theta"]),
-            max_position=int(entry["max_position"]), rms_norm_eps=float(entry["rms_norm_eps"]),
-            rope_scaling=entry.get("rope_scaling"), hub_id=entry.get("hub_id"),
-            weights=entry.get("weights", "pretrained"), tokenizer=entry.get("tokenizer"),
+            alias=alias,
+            family=entry["family"],
+            hf_class=fam["hf_class"],
+            hf_config=fam["hf_config"],
+            qkv_bias=bool(fam["qkv_bias"]),
+            **{k: int(entry[k]) for k in _ARCH_FIELDS},
+            tied_embeddings=bool(entry["tied_embeddings"]),
+            rope_theta=float(entry["rope_theta"]),
+            max_position=int(entry["max_position"]),
+            rms_norm_eps=float(entry["rms_norm_eps"]),
+            rope_scaling=entry.get("rope_scaling"),
+            hub_id=entry.get("hub_id"),
+            weights=entry.get("weights", "pretrained"),
+            tokenizer=entry.get("tokenizer"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{where}: model '{alias}' is missing or has a bad field ({e}); fix the entry") from None
@@ -174,7 +195,11 @@ def _spec(alias: str, entry: dict, families: dict, *, where: str) -> ModelSpec:
 @functools.lru_cache(maxsize=4)
 def _load(path: Path) -> Registry:
     raw = read_yaml(path, "model registry", "restore configs/models.yaml or set TELEPATHY_CONFIGS")
-    if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict) or not isinstance(raw.get("families"), dict):
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("models"), dict)
+        or not isinstance(raw.get("families"), dict)
+    ):
         raise UserError(f"model registry {path} needs top-level 'families' and 'models' mappings; fix the file")
     models: dict[str, ModelSpec] = {}
     for alias, entry in raw["models"].items():
@@ -191,7 +216,6 @@ def load_registry(path: Path | None = None) -> Registry:
     return _load(path or configs_dir() / "models.yaml")
 
 
-_HF_FAMILY = {"LlamaConfig": "llama", "MistralConfig": "mistral", "Qwen2Config": "qwen2"}
 _FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
@@ -206,15 +230,25 @@ def spec_from_local_dir(path: Path) -> ModelSpec:
         raise UserError(f"{cfg_file} is not valid JSON (line {e.lineno}); fix or re-save the checkpoint") from None
     family = _FAMILY_OF_MODEL_TYPE.get(cfg.get("model_type", ""))
     if family is None:
-        raise UserError(f"{cfg_file}: model_type '{cfg.get('model_type')}' is not supported; use a llama, mistral or qwen2 checkpoint")
+        raise UserError(
+            f"{cfg_file}: model_type '{cfg.get('model_type')}' is not supported; "
+            "use a llama, mistral or qwen2 checkpoint"
+        )
     fams = read_yaml(configs_dir() / "models.yaml", "model registry", "restore configs/models.yaml")["families"]
     heads = cfg["num_attention_heads"]
     entry = {
-        "family": family, "hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"], "heads": heads,
-        "kv_heads": cfg.get("num_key_value_heads", heads), "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        "intermediate": cfg["intermediate_size"], "vocab": cfg["vocab_size"],
-        "tied_embeddings": cfg.get("tie_word_embeddings", False), "rope_theta": cfg.get("rope_theta", 10000.0),
-        "max_position": cfg.get("max_position_embeddings", 2048), "rms_norm_eps": cfg.get("rms_norm_eps", 1e-6),
+        "family": family,
+        "hidden": cfg["hidden_size"],
+        "layers": cfg["num_hidden_layers"],
+        "heads": heads,
+        "kv_heads": cfg.get("num_key_value_heads", heads),
+        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        "intermediate": cfg["intermediate_size"],
+        "vocab": cfg["vocab_size"],
+        "tied_embeddings": cfg.get("tie_word_embeddings", False),
+        "rope_theta": cfg.get("rope_theta", 10000.0),
+        "max_position": cfg.get("max_position_embeddings", 2048),
+        "rms_norm_eps": cfg.get("rms_norm_eps", 1e-6),
         "rope_scaling": cfg.get("rope_scaling"),
     }
     spec = _spec(path.name, entry, fams, where=str(cfg_file))
@@ -224,15 +258,21 @@ def spec_from_local_dir(path: Path) -> ModelSpec:
 def build_hf_config(spec: ModelSpec, *, attn_implementation: str = "sdpa", num_layers: int | None = None):
     """A transformers config for `spec`, built offline. `num_layers` truncates (a fresh object,
     never a shared config: HF iterates layers[:config.num_hidden_layers])."""
-    import transformers
+    import transformers  # noqa: PLC0415  (the planner imports the registry: transformers only to build configs)
 
     cls = getattr(transformers, spec.hf_config)
     kwargs: dict[str, Any] = dict(
-        hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
         num_hidden_layers=num_layers if num_layers is not None else spec.layers,
-        num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim,
-        vocab_size=spec.vocab, tie_word_embeddings=spec.tied_embeddings, rope_theta=spec.rope_theta,
-        max_position_embeddings=spec.max_position, rms_norm_eps=spec.rms_norm_eps,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        head_dim=spec.head_dim,
+        vocab_size=spec.vocab,
+        tie_word_embeddings=spec.tied_embeddings,
+        rope_theta=spec.rope_theta,
+        max_position_embeddings=spec.max_position,
+        rms_norm_eps=spec.rms_norm_eps,
         attn_implementation=attn_implementation,
     )
     if spec.rope_scaling:

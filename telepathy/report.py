@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from telepathy.config import atomic_write_bytes, atomic_write_text
 from telepathy.errors import UserError
-from telepathy.manifest import MANIFEST_FILE
-from telepathy.metrics import read_metrics
+from telepathy.files import atomic_write_bytes, atomic_write_text, read_json
+from telepathy.metrics import method_results, read_metrics
+from telepathy.rundir import RunDir
 
 SCHEMA = 1
 FIGSIZE, DPI = (8.0, 4.5), 100  # every PNG is 800 x 450 pixels
@@ -65,70 +65,52 @@ class Report:
     missing: list[str] = field(default_factory=list)  # run folders with no eval.json yet
     states: dict[str, str] = field(default_factory=dict)  # how each missing run stands (its manifest)
     notes: list[str] = field(default_factory=list)
+    table: Path | None = None  # the Markdown table to print (a run's evaluation, a sweep's summary)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "kind": self.kind, "path": str(self.path),
-                "written": [str(p) for p in self.written], "rows": self.rows, "missing": self.missing,
-                "states": self.states, "notes": self.notes}
+        return {
+            "schema": SCHEMA,
+            "kind": self.kind,
+            "path": str(self.path),
+            "written": [str(p) for p in self.written],
+            "rows": self.rows,
+            "missing": self.missing,
+            "states": self.states,
+            "notes": self.notes,
+        }
 
 
 # ---- reading run folders ----------------------------------------------------------------------------
 
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON (line {e.lineno}); was it written by another tool?") from None
-
-
-def is_run(path: Path) -> bool:
-    return (path / "config.json").is_file()
-
 
 def load_run(path: Path) -> Run:
-    try:
-        metrics = read_metrics(path)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path / 'metrics.jsonl'} line {e.lineno} is not valid JSON; remove that line") from None
-    return Run(path=path, config=_json(path / "config.json") or {}, plan=_json(path / "plan.json"),
-               metrics=metrics, eval=_json(path / "eval.json"), manifest=_json(path / MANIFEST_FILE))
+    d = RunDir(path)
+    return Run(
+        path=path,
+        config=read_json(d.config, "run config") or {},
+        plan=read_json(d.plan, "plan"),
+        metrics=read_metrics(d),
+        eval=read_json(d.eval, "evaluation"),
+        manifest=read_json(d.manifest, "manifest"),
+    )
 
 
 def find_runs(sweep: Path) -> list[Path]:
-    return sorted(p for p in sweep.iterdir() if p.is_dir() and is_run(p))
-
-
-# ---- eval.json -> method rows -------------------------------------------------------------------------
-
-def method_results(ev: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{method: {"accuracy": %, "latency_ms": median ms or None, "unmatched": n}} for the bridge and each
-    baseline in an eval.json (telepathy/evaluate.py: accuracy as a fraction, latency per method)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, r in ev.get("methods", {}).items():
-        lat = ev.get("latency_ms", {}).get(name)
-        out[name] = {"accuracy": 100.0 * r["accuracy"], "latency_ms": lat["median"] if lat else None,
-                     "unmatched": r.get("unmatched")}
-    return out
-
-
-def eval_record(ev: dict[str, Any], step: int) -> dict[str, Any]:
-    """The metrics record of an evaluation (accuracy %, latency ms per method): what the trainer writes to
-    metrics.jsonl after eval.json, so TensorBoard shows it beside the training curves."""
-    res = method_results(ev)
-    return {"kind": "eval", "step": step, "accuracy": {m: r["accuracy"] for m, r in res.items()},
-            "latency_ms": {m: r["latency_ms"] for m, r in res.items() if r["latency_ms"] is not None}}
+    return sorted(p for p in sweep.iterdir() if p.is_dir() and RunDir(p).is_run())
 
 
 # ---- statistics and tables ----------------------------------------------------------------------------
+
 
 def mean_std(values: list[float]) -> dict[str, float | int | None]:
     """Mean and sample standard deviation (n - 1, as the paper's ± over seeds); std is None for one value."""
     if not values:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+    }
 
 
 def fmt(stat: dict[str, Any] | None, digits: int = 1) -> str:
@@ -164,8 +146,9 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def swept_fields(configs: list[dict[str, Any]]) -> list[str]:
     """Config fields (dotted) whose values differ between runs, seeds and bookkeeping aside."""
     flats = [_flat(c) for c in configs]
-    keys = sorted({k for f in flats for k in f} - NOT_SWEPT,
-                  key=lambda k: (FIRST.index(k) if k in FIRST else len(FIRST), k))
+    keys = sorted(
+        {k for f in flats for k in f} - NOT_SWEPT, key=lambda k: (FIRST.index(k) if k in FIRST else len(FIRST), k)
+    )
     return [k for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1]
 
 
@@ -175,11 +158,12 @@ def _column(key: str) -> str:
 
 # ---- plots --------------------------------------------------------------------------------------------
 
+
 def _pyplot():
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  (matplotlib only when a plot is drawn)
 
     matplotlib.use("Agg")  # files only: no display on compute nodes or in CI
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (matplotlib only when a plot is drawn)
 
     return plt
 
@@ -208,8 +192,13 @@ def _train_records(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in metrics if r.get("kind") == "train"]
 
 
-def plot_lines(path: Path, title: str, ylabel: str, lines: dict[str, tuple[list[int], list[float]]],
-               right: tuple[str, list[int], list[float]] | None = None) -> Path:
+def plot_lines(
+    path: Path,
+    title: str,
+    ylabel: str,
+    lines: dict[str, tuple[list[int], list[float]]],
+    right: tuple[str, list[int], list[float]] | None = None,
+) -> Path:
     """Lines against the step; `right` is one more series on a second y axis (a different unit)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE)
@@ -254,8 +243,9 @@ def plot_memory(path: Path, title: str, measured: dict[str, dict[str, float]], p
     return _save(fig, path)
 
 
-def plot_bars(path: Path, title: str, ylabel: str, groups: list[str], methods: list[str],
-              stats: list[dict[str, dict[str, Any]]]) -> Path:
+def plot_bars(
+    path: Path, title: str, ylabel: str, groups: list[str], methods: list[str], stats: list[dict[str, dict[str, Any]]]
+) -> Path:
     """Grouped bars: one group per configuration, one bar per method, error bars = std over seeds."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE)
@@ -266,8 +256,9 @@ def plot_bars(path: Path, title: str, ylabel: str, groups: list[str], methods: l
         xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [v if v is not None else math.nan for v in means], width, yerr=stds, capsize=3, label=m)
     crowded = len(groups) > 6
-    ax.set_xticks(range(len(groups)), groups, rotation=30 if crowded else 0, ha="right" if crowded else "center",
-                  fontsize="small")
+    ax.set_xticks(
+        range(len(groups)), groups, rotation=30 if crowded else 0, ha="right" if crowded else "center", fontsize="small"
+    )
     ax.set(title=title, ylabel=ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="best", fontsize="small")
@@ -277,13 +268,20 @@ def plot_bars(path: Path, title: str, ylabel: str, groups: list[str], methods: l
 
 # ---- one run ------------------------------------------------------------------------------------------
 
+
 def measured_memory(metrics: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """{phase: {measurement: GiB}} from the trainer's memory records (the prediction itself aside)."""
     out: dict[str, dict[str, float]] = {}
     for r in metrics:
         if r.get("kind") == "memory":
-            values = {k: float(v) for k, v in r.items() if k.endswith(MEMORY_SUFFIX) and k != "predicted_peak_gib"
-                      and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            values = {
+                k: float(v)
+                for k, v in r.items()
+                if k.endswith(MEMORY_SUFFIX)
+                and k != "predicted_peak_gib"
+                and isinstance(v, (int, float))
+                and not isinstance(v, bool)
+            }
             if values:
                 out[str(r.get("phase", f"step {r.get('step')}"))] = values
     return out
@@ -305,36 +303,50 @@ def report_run(path: Path, out: Path) -> Report:
     train = _train_records(run.metrics)
     name = run.config.get("name", path.name)
     if not train:
-        rep.notes.append("no training records in metrics.jsonl yet: no loss or throughput plot")
+        rep.notes.append("no training records yet: no loss or throughput plot")
     else:
         losses = {label: series(train, k) for k, label in LOSSES.items() if series(train, k)[0]}
         rep.written.append(plot_lines(out / "loss.png", f"{name}: training loss", "loss", losses))
         tokens = series(train, "tokens_per_s")
-        rep.written.append(plot_lines(out / "throughput.png", f"{name}: throughput", "samples / s",
-                                      {"samples/s": series(train, "samples_per_s")},
-                                      ("sender tokens/s", *tokens) if tokens[0] else None))
+        rep.written.append(
+            plot_lines(
+                out / "throughput.png",
+                f"{name}: throughput",
+                "samples / s",
+                {"samples/s": series(train, "samples_per_s")},
+                ("sender tokens/s", *tokens) if tokens[0] else None,
+            )
+        )
     measured = measured_memory(run.metrics)
     if measured:
-        rep.written.append(plot_memory(out / "memory.png", f"{name}: memory, predicted vs measured",
-                                       measured, predicted_gib(run)))
+        rep.written.append(
+            plot_memory(out / "memory.png", f"{name}: memory, predicted vs measured", measured, predicted_gib(run))
+        )
     else:
-        rep.notes.append("no memory records in metrics.jsonl yet: no memory plot")
+        rep.notes.append("no memory records yet: no memory plot")
     if run.eval is None:
         rep.missing.append(path.name)
         rep.states[path.name] = run.state
-        rep.notes.append("no eval.json yet: no evaluation table")
+        rep.notes.append("no evaluation yet: no evaluation table")
         return rep
     for method, r in method_results(run.eval).items():
         rep.rows.append({"method": method, **r})
     n, labels = run.eval.get("n"), run.eval.get("labels") or []
     title = f"task {run.eval.get('task')}: n={n}" + (f", chance {100 / len(labels):.1f}%" if labels else "")
     rows = [[r["method"], _num(r["accuracy"]), str(r["unmatched"]), _num(r["latency_ms"])] for r in rep.rows]
-    atomic_write_text(out / "eval.md", f"{title}\n\n" + markdown(
-        ["method", "accuracy (%)", "unmatched", "latency (ms, median)"], rows))
-    atomic_write_text(out / "eval.csv", csv_text(["method", "accuracy", "unmatched", "latency_ms"],
-                                                [[r["method"], r["accuracy"], r["unmatched"], r["latency_ms"]]
-                                                 for r in rep.rows]))
+    atomic_write_text(
+        out / "eval.md",
+        f"{title}\n\n" + markdown(["method", "accuracy (%)", "unmatched", "latency (ms, median)"], rows),
+    )
+    atomic_write_text(
+        out / "eval.csv",
+        csv_text(
+            ["method", "accuracy", "unmatched", "latency_ms"],
+            [[r["method"], r["accuracy"], r["unmatched"], r["latency_ms"]] for r in rep.rows],
+        ),
+    )
     rep.written += [out / "eval.md", out / "eval.csv"]
+    rep.table = out / "eval.md"
     if run.eval.get("skipped"):
         rep.notes.append(f"not evaluated: {', '.join(run.eval['skipped'])}")
     return rep
@@ -345,6 +357,7 @@ def _num(x: float | None, digits: int = 1) -> str:
 
 
 # ---- a sweep ------------------------------------------------------------------------------------------
+
 
 def sweep_rows(runs: list[Run]) -> tuple[list[str], list[str], list[dict[str, Any]]]:
     """(swept fields, methods, one row per configuration with mean/std over its seeds)."""
@@ -360,12 +373,22 @@ def sweep_rows(runs: list[Run]) -> tuple[list[str], list[str], list[dict[str, An
         results = [method_results(m.eval) for m in done]  # type: ignore[arg-type]
         for res in results:
             methods += [m for m in res if m not in methods]
-        stats = {m: {metric: mean_std([x for res in results if (x := res.get(m, {}).get(metric)) is not None])
-                     for metric in ("accuracy", "latency_ms")} for m in methods}
-        rows.append({"config": dict(zip(fields, json.loads(key))),
-                     "seeds": sorted(s for m in done if (s := m.seed) is not None),
-                     "runs": [m.path.name for m in members],
-                     "pending": [m.path.name for m in members if m.eval is None], "methods": stats})
+        stats = {
+            m: {
+                metric: mean_std([x for res in results if (x := res.get(m, {}).get(metric)) is not None])
+                for metric in ("accuracy", "latency_ms")
+            }
+            for m in methods
+        }
+        rows.append(
+            {
+                "config": dict(zip(fields, json.loads(key))),
+                "seeds": sorted(s for m in done if (s := m.seed) is not None),
+                "runs": [m.path.name for m in members],
+                "pending": [m.path.name for m in members if m.eval is None],
+                "methods": stats,
+            }
+        )
     rows.sort(key=lambda row: [_order(v) for v in row["config"].values()])
     for row in rows:  # methods first seen in a later group
         for m in methods:
@@ -383,7 +406,7 @@ def _order(value: Any) -> tuple[int, float, str]:
 def report_sweep(path: Path, out: Path) -> Report:
     runs = [load_run(p) for p in find_runs(path)]
     if not runs:
-        raise UserError(f"{path} holds no run folders (folders with config.json); pass a run or sweep folder")
+        raise UserError(f"{path} holds no run folders (folders with a run configuration); pass a run or sweep folder")
     rep = Report("sweep", path)
     rep.missing = [r.path.name for r in runs if r.eval is None]
     rep.states = {r.path.name: r.state for r in runs if r.eval is None}
@@ -391,25 +414,50 @@ def report_sweep(path: Path, out: Path) -> Report:
     rep.rows = rows
     cols = [_column(f) for f in fields]
     # Accuracy for every method; latency only where it was measured (evaluate.py times bridge and relay).
-    cells = [(m, "accuracy") for m in methods] + [(m, "latency_ms") for m in methods
-                                                  if any(row["methods"][m]["latency_ms"]["n"] for row in rows)]
+    cells = [(m, "accuracy") for m in methods] + [
+        (m, "latency_ms") for m in methods if any(row["methods"][m]["latency_ms"]["n"] for row in rows)
+    ]
     unit = {"accuracy": "acc (%)", "latency_ms": "latency (ms)"}
     header = cols + ["seeds"] + [f"{m} {unit[metric]}" for m, metric in cells]
-    md = [[str(row["config"][f]) for f in fields] + [str(len(row["seeds"]))]
-          + [fmt(row["methods"][m][metric]) for m, metric in cells] for row in rows]
+    md = [
+        [str(row["config"][f]) for f in fields]
+        + [str(len(row["seeds"]))]
+        + [fmt(row["methods"][m][metric]) for m, metric in cells]
+        for row in rows
+    ]
     csv_header = cols + ["n_seeds"] + [f"{m}_{metric}_{s}" for m, metric in cells for s in ("mean", "std")]
-    csv_rows = [[row["config"][f] for f in fields] + [len(row["seeds"])]
-                + [row["methods"][m][metric][s] for m, metric in cells for s in ("mean", "std")] for row in rows]
-    note = (f"\n{len(rep.missing)} of {len(runs)} runs have no eval.json yet: "
-            + ", ".join(f"{name} ({state})" for name, state in rep.states.items()) + "\n") if rep.missing else ""
+    csv_rows = [
+        [row["config"][f] for f in fields]
+        + [len(row["seeds"])]
+        + [row["methods"][m][metric][s] for m, metric in cells for s in ("mean", "std")]
+        for row in rows
+    ]
+    note = (
+        (
+            f"\n{len(rep.missing)} of {len(runs)} runs have no evaluation yet: "
+            + ", ".join(f"{name} ({state})" for name, state in rep.states.items())
+            + "\n"
+        )
+        if rep.missing
+        else ""
+    )
     atomic_write_text(out / "summary.md", markdown(header, md) + note)
     atomic_write_text(out / "summary.csv", csv_text(csv_header, csv_rows))
     rep.written += [out / "summary.md", out / "summary.csv"]
+    rep.table = out / "summary.md"
     if methods and any(row["seeds"] for row in rows):
         labels = ["\n".join(f"{c}={row['config'][f]}" for c, f in zip(cols, fields)) or "all runs" for row in rows]
         accuracy = [{m: row["methods"][m]["accuracy"] for m in methods} for row in rows]
-        rep.written.append(plot_bars(out / "accuracy.png", f"{path.name}: accuracy (mean ± std over seeds)",
-                                     "accuracy (%)", labels, methods, accuracy))
+        rep.written.append(
+            plot_bars(
+                out / "accuracy.png",
+                f"{path.name}: accuracy (mean ± std over seeds)",
+                "accuracy (%)",
+                labels,
+                methods,
+                accuracy,
+            )
+        )
     return rep
 
 
@@ -417,6 +465,6 @@ def report(path: str | Path, out: str | Path | None = None) -> Report:
     """Report on a run folder or a sweep folder; files go to `out` (default PATH/report)."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"{path} is not a folder; pass a run folder (with config.json) or a sweep folder of runs")
-    out = Path(out) if out else path / "report"
-    return report_run(path, out) if is_run(path) else report_sweep(path, out)
+        raise UserError(f"{path} is not a folder; pass a run folder or a sweep folder of runs")
+    out = Path(out) if out else RunDir(path).report
+    return report_run(path, out) if RunDir(path).is_run() else report_sweep(path, out)

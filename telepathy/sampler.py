@@ -13,8 +13,9 @@ runs on different GPU counts comparable, and the ranks of one micro-step get nei
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -1,6 +1,6 @@
 """The training step shared by the trainer, the memory tracer and the benchmark.
 
-Fast path (shared notes step-calibration.md): the sender is only its body up to the tapped layer (no later
+Fast path: the sender is only its body up to the tapped layer (no later
 layers, no LM head, no output_hidden_states), batches are padded per batch, and the receiver's LM head runs
 only on the positions that predict answer tokens. tests/test_step.py checks that this equals the
 straightforward step (full sender with all hidden states, full-position logits, HF `labels`).
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from telepathy.bridge import Bridge, target_rms_of
 from telepathy.bridge_shape import source_layer
-from telepathy.config import BridgeConfig, RunConfig
-from telepathy.errors import UserError
+from telepathy.config import RunConfig
 from telepathy.loading import load_device, load_model, load_tokenizer, select_attention
 from telepathy.registry import ModelSpec, Pair
 
@@ -38,8 +38,12 @@ class Batch:
     labels: torch.Tensor | None = None  # (B,) class index, for evaluation
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: (v.to(device, non_blocking=True) if isinstance(v := getattr(self, f.name), torch.Tensor)
-                                 else v) for f in dataclasses.fields(self)})
+        return Batch(
+            **{
+                f.name: (v.to(device, non_blocking=True) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                for f in dataclasses.fields(self)
+            }
+        )
 
     def __len__(self) -> int:
         return self.sender_mask.size(0)
@@ -50,7 +54,6 @@ class StepOutput:
     loss: torch.Tensor  # what backward() is called on: lm_loss + diversity_weight * diversity
     lm_loss: torch.Tensor  # mean CE over real answer tokens (detached)
     diversity: torch.Tensor  # mean off-diagonal cosine similarity of soft tokens in the batch (detached)
-    n_tokens: torch.Tensor  # real answer tokens in the batch (for token-weighted averaging)
 
 
 def batch_diversity(soft: torch.Tensor) -> torch.Tensor:
@@ -68,7 +71,7 @@ class ReceiverWithHead(nn.Module):
     """The frozen receiver as one module whose forward does the whole receiver side: embedding lookup,
     [primer, soft, answer] layout, the decoder, and the LM head on answer-predicting positions only.
     The embedding lookup must happen inside this forward: under FSDP2 the embedding is sharded with this
-    module and is only unsharded during its forward (cpu-torch-stack.md §4)."""
+    module and is only unsharded during its forward (outside it, embedding meets a DTensor and fails)."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
@@ -79,16 +82,17 @@ class ReceiverWithHead(nn.Module):
         primer = self.lm.get_input_embeddings()(primer_ids)
         return torch.cat([primer, soft.to(primer.dtype)], dim=1)
 
-    def forward(self, primer_ids: torch.Tensor, soft: torch.Tensor, answer_ids: torch.Tensor,
-                answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, primer_ids: torch.Tensor, soft: torch.Tensor, answer_ids: torch.Tensor, answer_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         prefix = self.prefix_embeds(primer_ids, soft)
         embeds = torch.cat([prefix, self.lm.get_input_embeddings()(answer_ids)], dim=1)
         b, p, a = prefix.size(0), prefix.size(1), answer_ids.size(1)
         mask = torch.cat([answer_mask.new_ones(b, p), answer_mask], dim=1)
         hidden = self.lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         # Position t predicts token t+1: answer token j is predicted at p-1+j. Reshape to 2-D before the
-        # head: a 3-D strided slice makes the CPU matmul expand the weight (step-calibration.md pitfall).
-        h = hidden[:, p - 1:p - 1 + a].reshape(b * a, -1)
+        # head: a 3-D strided slice makes the CPU matmul copy the weight once per row.
+        h = hidden[:, p - 1 : p - 1 + a].reshape(b * a, -1)
         logits = self.lm.lm_head(h).float()
         ce = F.cross_entropy(logits, answer_ids.reshape(-1), reduction="none")
         weights = answer_mask.reshape(-1).to(ce.dtype)
@@ -100,8 +104,7 @@ class TelepathyModel(nn.Module):
     """Frozen sender body (up to the tap) -> trainable bridge -> frozen receiver. Only the bridge trains.
     `sender` is None when batches carry cached sender states."""
 
-    def __init__(self, sender: nn.Module | None, bridge: Bridge, receiver: ReceiverWithHead,
-                 diversity_weight: float):
+    def __init__(self, sender: nn.Module | None, bridge: Bridge, receiver: ReceiverWithHead, diversity_weight: float):
         super().__init__()
         self.sender = sender
         self.bridge = bridge
@@ -139,16 +142,17 @@ class TelepathyModel(nn.Module):
             if self.sender is None:
                 raise ValueError("batch has no sender_states and the model has no sender")
             with torch.no_grad():
-                states = self.sender(input_ids=batch.sender_ids, attention_mask=batch.sender_mask,
-                                     use_cache=False).last_hidden_state
+                states = self.sender(
+                    input_ids=batch.sender_ids, attention_mask=batch.sender_mask, use_cache=False
+                ).last_hidden_state
         return self.bridge(states, batch.sender_mask)
 
     def forward(self, batch: Batch) -> StepOutput:
         soft = self.encode(batch)
-        lm_loss, n_tokens = self.receiver(batch.primer_ids, soft, batch.answer_ids, batch.answer_mask)
+        lm_loss, _ = self.receiver(batch.primer_ids, soft, batch.answer_ids, batch.answer_mask)
         diversity = batch_diversity(soft)
         loss = lm_loss + self.diversity_weight * diversity
-        return StepOutput(loss=loss, lm_loss=lm_loss.detach(), diversity=diversity.detach(), n_tokens=n_tokens)
+        return StepOutput(loss=loss, lm_loss=lm_loss.detach(), diversity=diversity.detach())
 
 
 def _shared_body(lm: nn.Module, spec: ModelSpec, num_layers: int, attn: str) -> nn.Module:
@@ -166,7 +170,6 @@ def _shared_body(lm: nn.Module, spec: ModelSpec, num_layers: int, attn: str) -> 
 def _checkpoint_layers(lm: nn.Module) -> None:
     """Activation checkpointing on the receiver's decoder layers (non-reentrant; works in eval mode and
     composes with FSDP2 when applied before sharding)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     layers = lm.model.layers
     for i, layer in enumerate(layers):
@@ -182,7 +185,7 @@ def build_telepathy_model(cfg: RunConfig, pair: Pair, device: torch.device | str
     (tokenizers are then None): the memory tracer materialises it under fake tensors.
     """
     device = torch.device("meta") if meta else torch.device(device)
-    attn, _ = select_attention(device)
+    attn, _ = select_attention(device, cfg.train.attention)
     place = device if meta else load_device(device, cfg.backend)
     tap = source_layer(cfg.bridge, pair.sender)
     lm = load_model(pair.receiver, device=place, attn_implementation=attn)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 _warned = False
 
@@ -36,11 +37,11 @@ class TensorBoardSink:
         if not enabled:
             return
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415  (optional: TensorBoard off when it is missing)
         except ImportError as e:  # tensorboard is an ordinary dependency, but a run must not die for a plot
             global _warned
             if not _warned:
-                print(f"note: TensorBoard logging off ({e}); metrics.jsonl is still written", file=sys.stderr)
+                print(f"note: TensorBoard logging off ({e}); the metrics file is still written", file=sys.stderr)
                 _warned = True
             return
         self._writer = SummaryWriter(log_dir=str(run_dir), flush_secs=30, purge_step=purge_step)

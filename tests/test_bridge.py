@@ -9,18 +9,21 @@ from telepathy.config import BridgeConfig
 from telepathy.errors import UserError
 
 
-@pytest.mark.parametrize("src,tgt,cfg", [
-    (64, 96, BridgeConfig(soft_tokens=8, depth=2, heads=4)),
-    (96, 96, BridgeConfig(soft_tokens=3, depth=1, heads=8, mlp_ratio=2)),  # Identity input projection
-    (48, 32, BridgeConfig(soft_tokens=1, depth=3, heads=2)),
-])
+@pytest.mark.parametrize(
+    "src,tgt,cfg",
+    [
+        (64, 96, BridgeConfig(soft_tokens=8, depth=2, heads=4)),
+        (96, 96, BridgeConfig(soft_tokens=3, depth=1, heads=8, mlp_ratio=2)),  # Identity input projection
+        (48, 32, BridgeConfig(soft_tokens=1, depth=3, heads=2)),
+    ],
+)
 def test_param_count_closed_form_matches_module(src, tgt, cfg):
     bridge = Bridge(cfg, src, tgt, target_rms=0.5)
     assert sum(p.numel() for p in bridge.parameters()) == bridge_param_count(cfg, src, tgt)
 
 
 def test_param_count_at_full_size_matches_the_original_plus_input_norm_minus_key_bias():
-    # original-system.md §1.4: d=4096, depth 2, K=8 -> 537,059,329; this bridge adds a 2*d_S input LayerNorm
+    # The original's bridge at d=4096, depth 2, K=8 has 537,059,329 parameters; this one adds a 2*d_S input LayerNorm
     # and drops the key bias (d per attention, 2 attentions per block: softmax cancels it).
     assert bridge_param_count(BridgeConfig(soft_tokens=8, depth=2), 4096, 4096) == 537_059_329 + 2 * 4096 - 2 * 2 * 4096
     with torch.device("meta"):

@@ -32,8 +32,9 @@ def _ids(n: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
 
 def _key(ids, layer: int = TAP, dataset: str = "t:train") -> C.CacheKey:
     spec = load_registry().get(SENDER)
-    return C.CacheKey(model=C.model_identity(spec), layer=layer, dataset=dataset,
-                      ids_sha256=C.ids_digest(ids), n_examples=len(ids))
+    return C.CacheKey(
+        model=C.model_identity(spec), layer=layer, dataset=dataset, ids_sha256=C.ids_digest(ids), n_examples=len(ids)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,13 @@ def test_cached_training_matches_live_sender(tmp_path):
     here, and plain SGD (AdamW normalises away gradient size, so ulp-level gradient noise on near-zero
     gradients becomes lr-sized weight differences); test_cached_training_bit_identical_without_padding
     shows the equality is exact, with AdamW, when padding does not differ."""
-    cfg = RunConfig(sender=SENDER, receiver=RECEIVER, run_dir=str(tmp_path),
-                    data=DataConfig(task="demo", train_samples=48), train=TrainConfig(bridge_dtype="float32", seed=1))
+    cfg = RunConfig(
+        sender=SENDER,
+        receiver=RECEIVER,
+        run_dir=str(tmp_path),
+        data=DataConfig(task="demo", train_samples=48),
+        train=TrainConfig(bridge_dtype="float32", seed=1),
+    )
     pair = load_registry().pair(sender=SENDER, receiver=RECEIVER)
     live, s_tok, r_tok = build_telepathy_model(cfg, pair, "cpu")
     cached, _, _ = build_telepathy_model(cfg.replace(train={"sender_cache": True}), pair, "cpu")
@@ -92,7 +98,9 @@ def test_cached_training_matches_live_sender(tmp_path):
     loss_cached, w_cached = _train(cached, cached_batches, 8, sgd=True)
     assert loss_live[0] != loss_live[-1]  # it trained
     assert loss_cached == pytest.approx(loss_live, rel=2e-3)  # observed <= 4e-4
-    for a, b, w0 in zip(w_live, w_cached, w_init):  # difference < 2 % of how far training moved them (observed <= 0.2 %)
+    for a, b, w0 in zip(
+        w_live, w_cached, w_init
+    ):  # difference < 2 % of how far training moved them (observed <= 0.2 %)
         assert (a - b).norm() <= 0.02 * (a - w0).norm()
 
 
@@ -109,9 +117,13 @@ def test_cached_training_bit_identical_without_padding(tmp_path, body):
     from telepathy.step import Batch
 
     def batch(idx, with_cache: bool) -> Batch:
-        b = Batch(sender_ids=torch.tensor([ids[i] for i in idx]), sender_mask=torch.ones(len(idx), 20, dtype=torch.long),
-                  primer_ids=torch.tensor([[1, 5, 9]] * len(idx)), answer_ids=torch.tensor([[7 + i % 3, 2] for i in idx]),
-                  answer_mask=torch.ones(len(idx), 2, dtype=torch.long))
+        b = Batch(
+            sender_ids=torch.tensor([ids[i] for i in idx]),
+            sender_mask=torch.ones(len(idx), 20, dtype=torch.long),
+            primer_ids=torch.tensor([[1, 5, 9]] * len(idx)),
+            answer_ids=torch.tensor([[7 + i % 3, 2] for i in idx]),
+            answer_mask=torch.ones(len(idx), 2, dtype=torch.long),
+        )
         return cache.attach(b, idx) if with_cache else b
 
     groups = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
@@ -168,7 +180,8 @@ _BUILDER = textwrap.dedent("""
     spec = load_registry().get("tiny-llama")
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(1, 32000, (4 + i % 13,), generator=g).tolist() for i in range(40)]
-    key = C.CacheKey(model=C.model_identity(spec), layer=3, dataset="t:train", ids_sha256=C.ids_digest(ids), n_examples=40)
+    key = C.CacheKey(model=C.model_identity(spec), layer=3, dataset="t:train", ids_sha256=C.ids_digest(ids),
+                     n_examples=40)
     body = load_model(spec, device="cpu", attn_implementation="sdpa", num_layers=3)
     root = Path(sys.argv[1])
     (root / f"ready-{sys.argv[2]}").touch()  # start together: wait until both processes are here
@@ -189,8 +202,16 @@ _BUILDER = textwrap.dedent("""
 
 def test_concurrent_builders_make_one_valid_entry(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", _BUILDER, str(tmp_path), str(i)], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO, env=env) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BUILDER, str(tmp_path), str(i)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=env,
+        )
+        for i in range(2)
+    ]
     results = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert sorted(r["built"] for r in results) == [False, True]
@@ -204,8 +225,13 @@ def test_concurrent_builders_make_one_valid_entry(tmp_path):
 
 def test_entry_with_tuple_valued_identity_reopens(tmp_path):
     """A local checkpoint's identity holds (name, size, mtime) tuples; they come back from JSON as lists."""
-    key = C.CacheKey(model={"weights": "local", "files": [("model.safetensors", 10, 1)]}, layer=1, dataset="d:train",
-                     ids_sha256="0" * 64, n_examples=2)
+    key = C.CacheKey(
+        model={"weights": "local", "files": [("model.safetensors", 10, 1)]},
+        layer=1,
+        dataset="d:train",
+        ids_sha256="0" * 64,
+        n_examples=2,
+    )
     states = [torch.randn(3, 4).bfloat16(), torch.randn(5, 4).bfloat16()]
     C.ensure(key, lambda: iter(enumerate(states)), tmp_path)
     cache = C.open_cache(key, tmp_path)

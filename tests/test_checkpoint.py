@@ -8,6 +8,12 @@ import pytest
 import torch
 
 from telepathy import checkpoint as ckpt
+from telepathy.rundir import RunDir
+
+
+@pytest.fixture
+def run(tmp_path):
+    return RunDir(tmp_path)
 
 
 def bridge_and_optimizer(seed=0):
@@ -20,50 +26,58 @@ def bridge_and_optimizer(seed=0):
 
 
 def write(run_dir, step, model, opt, keep=2):
-    return ckpt.save(run_dir, step, bridge=model.state_dict(), optimizer=opt.state_dict(),
-                     state={"sampler": {"epoch": 0, "position": step}}, keep=keep)
+    return ckpt.save(
+        run_dir,
+        step,
+        bridge=model.state_dict(),
+        optimizer=opt.state_dict(),
+        state={"sampler": {"epoch": 0, "position": step}},
+        keep=keep,
+    )
 
 
-def test_round_trip(tmp_path):
+def test_round_trip(run):
     model, opt = bridge_and_optimizer()
-    write(tmp_path, 3, model, opt)
-    found = ckpt.latest_valid(tmp_path)
-    assert found.step == 3 and found.path.name == "step_000003"
+    write(run, 3, model, opt)
+    found = ckpt.latest_valid(run)
+    assert found.step == 3 and found.path == run.step(3).path
     for k, v in model.state_dict().items():
         assert torch.equal(found.bridge()[k], v)
     other, other_opt = bridge_and_optimizer(seed=1)
     other_opt.load_state_dict(found.optimizer())
     assert torch.equal(other_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert found.state == {"step": 3, "sampler": {"epoch": 0, "position": 3}}
-    assert set(json.loads((found.path / "manifest.json").read_text())["files"]) == {
-        "bridge.safetensors", "optimizer.pt", "state.json", "rng_rank0.pt"}
-    assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
+    d = found.dir
+    assert set(json.loads(d.manifest.read_text())["files"]) == {
+        p.name for p in (d.bridge, d.optimizer, d.state, d.rng(0))
+    }
+    assert not list(run.checkpoints.glob(".tmp_*"))
 
 
-def test_rng_state_restores_every_generator(tmp_path):
+def test_rng_state_restores_every_generator(run):
     model, opt = bridge_and_optimizer()
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    write(tmp_path, 1, model, opt)
+    write(run, 1, model, opt)
     expected = (random.random(), np.random.rand(), torch.rand(3))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    ckpt.set_rng_state(ckpt.latest_valid(tmp_path).rng(0))
+    ckpt.set_rng_state(ckpt.latest_valid(run).rng(0))
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
 
 
-def test_keeps_the_newest_two(tmp_path):
+def test_keeps_the_newest_two(run):
     model, opt = bridge_and_optimizer()
     for step in (10, 20, 30):
-        write(tmp_path, step, model, opt, keep=2)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000020", "step_000030"]
+        write(run, step, model, opt, keep=2)
+    assert [d.step for d in run.step_dirs()] == [30, 20] and len(list(run.checkpoints.iterdir())) == 2
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "delete_manifest", "delete_file"])
-def test_damaged_newest_falls_back_to_previous(tmp_path, damage):
+def test_damaged_newest_falls_back_to_previous(run, damage):
     model, opt = bridge_and_optimizer()
-    write(tmp_path, 10, model, opt)
-    newest = write(tmp_path, 20, model, opt)
-    target = newest / "bridge.safetensors"
+    write(run, 10, model, opt)
+    newest = write(run, 20, model, opt)
+    target = newest.bridge
     if damage == "flip_byte":
         data = bytearray(target.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -71,34 +85,34 @@ def test_damaged_newest_falls_back_to_previous(tmp_path, damage):
     elif damage == "truncate":
         target.write_bytes(target.read_bytes()[:100])
     elif damage == "delete_manifest":
-        (newest / "manifest.json").unlink()
+        newest.manifest.unlink()
     else:
         target.unlink()
     assert ckpt.verify(newest) is not None
-    assert ckpt.latest_valid(tmp_path).step == 10
+    assert ckpt.latest_valid(run).step == 10
 
 
-def test_half_written_checkpoint_is_invisible(tmp_path):
+def test_half_written_checkpoint_is_invisible(run):
     model, opt = bridge_and_optimizer()
-    write(tmp_path, 10, model, opt)
+    write(run, 10, model, opt)
     # a writer killed before the rename leaves only the temporary folder
-    (tmp_path / "checkpoints" / ".tmp_step_000020").mkdir()
-    (tmp_path / "checkpoints" / ".tmp_step_000020" / "bridge.safetensors").write_bytes(b"partial")
-    assert ckpt.latest_valid(tmp_path).step == 10
-    write(tmp_path, 20, model, opt)  # the next save of that step replaces the leftover
-    assert ckpt.latest_valid(tmp_path).step == 20
+    run.step(20).tmp.mkdir()
+    (run.step(20).tmp / run.step(20).bridge.name).write_bytes(b"partial")
+    assert ckpt.latest_valid(run).step == 10
+    write(run, 20, model, opt)  # the next save of that step replaces the leftover
+    assert ckpt.latest_valid(run).step == 20
 
 
-def test_discard_after_removes_unusable_newer_ones(tmp_path):
+def test_discard_after_removes_unusable_newer_ones(run):
     model, opt = bridge_and_optimizer()
     for step in (10, 20):
-        write(tmp_path, step, model, opt)
-    (ckpt.step_dir(tmp_path, 20) / "manifest.json").unlink()
-    assert ckpt.latest_valid(tmp_path).step == 10
-    ckpt.discard_after(tmp_path, 10)
-    write(tmp_path, 30, model, opt)  # keep=2 now means 10 and 30, not the broken 20 and 30
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000010", "step_000030"]
+        write(run, step, model, opt)
+    run.step(20).manifest.unlink()
+    assert ckpt.latest_valid(run).step == 10
+    ckpt.discard_after(run, 10)
+    write(run, 30, model, opt)  # keep=2 now means 10 and 30, not the broken 20 and 30
+    assert [d.step for d in run.step_dirs()] == [30, 10]
 
 
-def test_no_checkpoint(tmp_path):
-    assert ckpt.latest_valid(tmp_path) is None
+def test_no_checkpoint(run):
+    assert ckpt.latest_valid(run) is None

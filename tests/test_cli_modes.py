@@ -4,8 +4,20 @@ import json
 
 import pytest
 
-FAST = ["--pair", "tiny-llama-tiny-qwen", "--task", "demo", "--steps", "4", "--eval-samples", "8",
-        "--baselines", "receiver", "--latency-samples", "0"]
+FAST = [
+    "--pair",
+    "tiny-llama-tiny-qwen",
+    "--task",
+    "demo",
+    "--steps",
+    "4",
+    "--eval-samples",
+    "8",
+    "--baselines",
+    "receiver",
+    "--latency-samples",
+    "0",
+]
 
 
 @pytest.mark.parametrize("mode,gpus", [("--debug", "1"), ("--local", "2")])
@@ -19,7 +31,9 @@ def test_local_modes_train_checkpoint_and_evaluate(launch, tmp_path, mode, gpus)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000004"]
     assert set(json.loads((run / "eval.json").read_text())["methods"]) == {"bridge", "receiver"}
     assert json.loads((run / "manifest.json").read_text())["exit"] == {"state": "completed"}
-    assert {p.name for p in (run / "logs").glob("worker_rank*.log")} == {f"worker_rank{i}.log" for i in range(int(gpus))}
+    assert {p.name for p in (run / "logs").glob("worker_rank*.log")} == {
+        f"worker_rank{i}.log" for i in range(int(gpus))
+    }
     assert "task demo: n=8" in r.stdout
 
 

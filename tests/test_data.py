@@ -67,8 +67,10 @@ def test_label_match():
 
 
 def test_jsonl_and_csv_files_with_words_and_indices(tmp_path):
-    jsonl = _write(tmp_path / "train.jsonl", [json.dumps({"text": "a b", "label": "pos"}),
-                                              json.dumps({"text": "c", "label": "neg"}), ""])
+    jsonl = _write(
+        tmp_path / "train.jsonl",
+        [json.dumps({"text": "a b", "label": "pos"}), json.dumps({"text": "c", "label": "neg"}), ""],
+    )
     _write(tmp_path / "eval.jsonl", [json.dumps({"text": "d", "label": "neg"})])
     task = load_task(DataConfig(task=str(jsonl)))
     assert task.spec.labels == ("neg", "pos") and task.train == [Example("a b", 1), Example("c", 0)]
@@ -85,8 +87,10 @@ def test_task_yaml_with_local_files_accepts_words_and_indices(tmp_path):
     _write(tmp_path / "tr.jsonl", [json.dumps({"q": "x", "y": "Yes"}), json.dumps({"q": "z", "y": 0})])
     _write(tmp_path / "ev.jsonl", [json.dumps({"q": "w", "y": "no"})])
     spec = tmp_path / "mine.yaml"
-    spec.write_text("files: {train: tr.jsonl, eval: ev.jsonl}\ntext_field: q\nlabel_field: y\n"
-                    "labels: ['no', 'yes']\nprimer: 'Answer:'\nprompt: 'Q: {text}\\nA:'\n")
+    spec.write_text(
+        "files: {train: tr.jsonl, eval: ev.jsonl}\ntext_field: q\nlabel_field: y\n"
+        "labels: ['no', 'yes']\nprimer: 'Answer:'\nprompt: 'Q: {text}\\nA:'\n"
+    )
     task = load_task(DataConfig(task=str(spec)))
     assert task.spec.name == "mine" and task.train == [Example("x", 1), Example("z", 0)]
     spec.write_text(spec.read_text().replace("['no', 'yes']", "[no, yes]"))
@@ -101,17 +105,22 @@ def test_hub_loader_path_on_a_local_dataset_folder(tmp_path):
     _write(folder / "train.jsonl", [json.dumps({"sentence": f"s{i}", "label": i % 2}) for i in range(6)])
     _write(folder / "test.jsonl", [json.dumps({"sentence": "t", "label": 1})])
     spec = tmp_path / "hubby.yaml"
-    spec.write_text(f"dataset: {folder}\ntext_field: sentence\nlabels: [negative, positive]\n"
-                    "primer: 'Sentiment:'\nprompt: 'Review: {{text}}\\nSentiment:'\n")
+    spec.write_text(
+        f"dataset: {folder}\ntext_field: sentence\nlabels: [negative, positive]\n"
+        "primer: 'Sentiment:'\nprompt: 'Review: {{text}}\\nSentiment:'\n"
+    )
     task = load_task(DataConfig(task=str(spec)))
     assert task.train[:2] == [Example("s0", 0), Example("s1", 1)] and task.eval == [Example("t", 1)]
 
 
-@pytest.mark.parametrize("lines,match", [
-    (['{"text": "a", "label": "pos"}', '{"text": "b", "label": '], r"train\.jsonl:2: not valid JSON"),
-    (['{"text": "a", "label": "pos"}', '{"label": "neg"}'], r"train\.jsonl:2: missing field 'text'"),
-    (['[1, 2]'], r"train\.jsonl:1: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "lines,match",
+    [
+        (['{"text": "a", "label": "pos"}', '{"text": "b", "label": '], r"train\.jsonl:2: not valid JSON"),
+        (['{"text": "a", "label": "pos"}', '{"label": "neg"}'], r"train\.jsonl:2: missing field 'text'"),
+        (["[1, 2]"], r"train\.jsonl:1: expected a JSON object"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, lines, match):
     path = _write(tmp_path / "train.jsonl", lines)
     with pytest.raises(UserError, match=match):
@@ -119,7 +128,9 @@ def test_bad_lines_name_file_and_line(tmp_path, lines, match):
 
 
 def test_unknown_label_names_file_and_line(tmp_path):
-    _write(tmp_path / "tr.jsonl", [json.dumps({"text": "a", "label": "yes"}), json.dumps({"text": "b", "label": "maybe"})])
+    _write(
+        tmp_path / "tr.jsonl", [json.dumps({"text": "a", "label": "yes"}), json.dumps({"text": "b", "label": "maybe"})]
+    )
     _write(tmp_path / "ev.jsonl", [json.dumps({"text": "c", "label": 5})])
     spec = tmp_path / "t.yaml"
     spec.write_text("files: {train: tr.jsonl, eval: ev.jsonl}\nlabels: ['no', 'yes']\nprimer: 'A:'\nprompt: '{text}'\n")
@@ -130,11 +141,14 @@ def test_unknown_label_names_file_and_line(tmp_path):
         load_task(DataConfig(task=str(spec)))
 
 
-@pytest.mark.parametrize("task,match", [
-    ("nosuchtask", "unknown task 'nosuchtask'; use one of .*demo"),
-    ("/nonexistent/dir/train.jsonl", "data file /nonexistent/dir/train.jsonl not found"),
-    ("/nonexistent/spec.yaml", "task file /nonexistent/spec.yaml not found"),
-])
+@pytest.mark.parametrize(
+    "task,match",
+    [
+        ("nosuchtask", "unknown task 'nosuchtask'; use one of .*demo"),
+        ("/nonexistent/dir/train.jsonl", "data file /nonexistent/dir/train.jsonl not found"),
+        ("/nonexistent/spec.yaml", "task file /nonexistent/spec.yaml not found"),
+    ],
+)
 def test_missing_things_are_one_line_errors(task, match):
     with pytest.raises(UserError, match=match) as err:
         load_task(DataConfig(task=task))
@@ -146,7 +160,9 @@ def test_spec_field_errors(tmp_path):
     spec.write_text("files: {train: a.jsonl, eval: b.jsonl}\nlabels: [a, b]\nprimer: 'A:'\nprompt: 'no slot'\n")
     with pytest.raises(UserError, match="prompt must contain"):
         load_spec(str(spec))
-    spec.write_text("files: {train: a.jsonl, eval: b.jsonl}\nlabels: [a, b]\nprimer: 'A:'\nprompt: '{text}'\ncolour: red\n")
+    spec.write_text(
+        "files: {train: a.jsonl, eval: b.jsonl}\nlabels: [a, b]\nprimer: 'A:'\nprompt: '{text}'\ncolour: red\n"
+    )
     with pytest.raises(UserError, match="unknown field"):
         load_spec(str(spec))
 
@@ -161,14 +177,14 @@ def test_collator_pads_per_batch_and_builds_answers(toks):
     assert batch.sender_ids.shape[1] == max(widths) < 64  # the batch's longest, not max_length
     assert batch.sender_mask.sum(1).tolist() == widths
     assert batch.sender_ids[0, 0] == stok.bos_token_id
-    assert batch.sender_ids[1, widths[1]:].eq(stok.pad_token_id).all()
-    assert stok.decode(batch.sender_ids[0, :widths[0]], skip_special_tokens=True) == spec.sender_text("a cat")
+    assert batch.sender_ids[1, widths[1] :].eq(stok.pad_token_id).all()
+    assert stok.decode(batch.sender_ids[0, : widths[0]], skip_special_tokens=True) == spec.sender_text("a cat")
     assert batch.labels.tolist() == [0, 2]
     assert rtok.decode(batch.primer_ids[1]) == spec.primer
     for row, label in enumerate((0, 2)):
         n = int(batch.answer_mask[row].sum())
         assert batch.answer_ids[row, n - 1] == rtok.eos_token_id
-        assert rtok.decode(batch.answer_ids[row, :n - 1]) == f" {spec.labels[label]}"
+        assert rtok.decode(batch.answer_ids[row, : n - 1]) == f" {spec.labels[label]}"
     wider = collate([short, long])
     assert wider.sender_ids.shape[1] > batch.sender_ids.shape[1]
 

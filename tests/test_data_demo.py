@@ -28,10 +28,14 @@ def one_thread():
 
 def test_demo_bridge_beats_receiver_alone(one_thread):
     pair = load_registry().pair("tiny-llama-tiny-qwen")
-    cfg = RunConfig(sender="tiny-llama", receiver="tiny-qwen", run_dir="unused",
-                    bridge=BridgeConfig(soft_tokens=8, depth=2, heads=4),
-                    data=DataConfig(task="demo", max_length=64, eval_samples=200),
-                    eval=EvalConfig(baselines=("receiver",), max_new_tokens=4, latency_samples=0, batch_size=50))
+    cfg = RunConfig(
+        sender="tiny-llama",
+        receiver="tiny-qwen",
+        run_dir="unused",
+        bridge=BridgeConfig(soft_tokens=8, depth=2, heads=4),
+        data=DataConfig(task="demo", max_length=64, eval_samples=200),
+        eval=EvalConfig(baselines=("receiver",), max_new_tokens=4, latency_samples=0, batch_size=50),
+    )
     model, stok, rtok = build_telepathy_model(cfg, pair, "cpu")
     task = load_task(cfg.data)
     collate = Collator(task.spec, stok, rtok, cfg.data.max_length, cfg.data.answer_length)
@@ -50,8 +54,10 @@ def test_demo_bridge_beats_receiver_alone(one_thread):
     train_s = time.perf_counter() - start
     result = evaluate(model, task, (stok, rtok), cfg.eval, "cpu", data_cfg=cfg.data)
     acc = result["accuracy"]
-    print(f"demo: {STEPS} steps in {train_s:.1f} s, lm loss {first:.2f} -> {out.lm_loss.item():.2f}, "
-          f"bridge {acc['bridge']:.3f}, receiver alone {acc['receiver']:.3f}")
+    print(
+        f"demo: {STEPS} steps in {train_s:.1f} s, lm loss {first:.2f} -> {out.lm_loss.item():.2f}, "
+        f"bridge {acc['bridge']:.3f}, receiver alone {acc['receiver']:.3f}"
+    )
     assert out.lm_loss.item() < first - 3
     assert acc["receiver"] <= 0.25  # primer only: one fixed answer, at best one class right
     assert acc["bridge"] >= 0.6  # chance is 0.25; measured ~0.9 after 100 steps

@@ -33,16 +33,31 @@ def test_json_schema_is_stable(launch):
     assert doc["schema"] == 1
     plan = doc["runs"][0]["plan"]
     assert set(plan) == {"run", "mode", "device", "layout", "batch", "profile", "memory"}
-    assert set(plan["batch"]) >= {"micro_batch", "grad_accum", "global_batch", "target_global_batch", "source",
-                                  "table_row", "max_micro_batch_estimate", "notes"}
+    assert set(plan["batch"]) >= {
+        "micro_batch",
+        "grad_accum",
+        "global_batch",
+        "target_global_batch",
+        "source",
+        "table_row",
+        "max_micro_batch_estimate",
+        "notes",
+    }
     assert plan["batch"]["source"] == "estimate" and plan["memory"]["total_gib"] > 0
 
 
 def test_dry_run_never_imports_torch_or_transformers(tmp_path):
-    code = ("import sys; from launcher.cli import main; rc = main(['--pair','llama3b-qwen3b','--gpus','4','--dry-run']);"
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print('IMPORTED', bad); sys.exit(rc)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                       env={"TELEPATHY_RUNS": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    code = (
+        "import sys; from launcher.cli import main; rc = main(['--pair','llama3b-qwen3b','--gpus','4','--dry-run']);"
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print('IMPORTED', bad); sys.exit(rc)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"TELEPATHY_RUNS": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr
     assert "IMPORTED []" in r.stdout
     assert not any(tmp_path.iterdir())  # a dry run writes nothing

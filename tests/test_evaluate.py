@@ -17,10 +17,14 @@ PAIR = REG.pair("tiny-llama-tiny-qwen")
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = RunConfig(sender="tiny-llama", receiver="tiny-qwen", run_dir="unused",
-                    bridge=BridgeConfig(soft_tokens=4, depth=1, heads=4),
-                    data=DataConfig(task="demo", max_length=48, eval_samples=12),
-                    eval=EvalConfig(max_new_tokens=3, relay_tokens=4, latency_samples=2, batch_size=5))
+    cfg = RunConfig(
+        sender="tiny-llama",
+        receiver="tiny-qwen",
+        run_dir="unused",
+        bridge=BridgeConfig(soft_tokens=4, depth=1, heads=4),
+        data=DataConfig(task="demo", max_length=48, eval_samples=12),
+        eval=EvalConfig(max_new_tokens=3, relay_tokens=4, latency_samples=2, batch_size=5),
+    )
     model, stok, rtok = build_telepathy_model(cfg, PAIR, "cpu")
     return cfg, model, (stok, rtok), load_task(cfg.data), full_sender(model, PAIR, "cpu")
 

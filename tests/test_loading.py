@@ -10,29 +10,67 @@ import torch
 
 from telepathy import loading, tokenizers
 from telepathy.errors import UserError
-from telepathy.loading import (device_for, device_map_for, generation_config, load_model, load_tokenizer,
-                               memory_report, select_attention)
+from telepathy.loading import (
+    device_for,
+    device_map_for,
+    generation_config,
+    load_model,
+    load_tokenizer,
+    memory_report,
+    select_attention,
+)
 from telepathy.registry import load_registry
 
 REG = load_registry()
 TEXT = "Hello world, café 123!"
 
 
-@pytest.mark.parametrize("cuda,flash,device,want", [
-    (True, True, "cuda", "flash_attention_2"),
-    (True, False, "cuda", "sdpa"),
-    (False, True, "cpu", "sdpa"),
-    (True, True, "cpu", "sdpa"),  # a CPU model never gets flash-attn, even on a GPU machine
-])
+@pytest.mark.parametrize(
+    "cuda,flash,device,want",
+    [
+        (True, True, "cuda", "flash_attention_2"),
+        (True, False, "cuda", "sdpa"),
+        (False, True, "cpu", "sdpa"),
+        (True, True, "cpu", "sdpa"),  # a CPU model never gets flash-attn, even on a GPU machine
+    ],
+)
 def test_attention_choice(monkeypatch, cuda, flash, device, want):
-    import transformers.utils
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: flash)
+    monkeypatch.setattr(loading, "_probe_flash", lambda d: (flash, "probe"))
+    monkeypatch.setattr(loading, "_flash_checked", {})
     choice, reason = select_attention(torch.device(device))
     assert choice == want
-    if cuda and not flash and device == "cuda":
-        assert "built-in flash kernel" in reason
+    if want == "sdpa":
+        assert reason.startswith("FlashAttention-2 not used")
+    assert select_attention(torch.device(device), "eager")[0] == "eager"
+    if want == "sdpa":  # asked for explicitly, a missing flash-attn is an error, not a silent fallback
+        with pytest.raises(UserError, match="flash_attention_2"):
+            select_attention(torch.device(device), "flash_attention_2")
+
+
+def _fake_flash(monkeypatch, extension_imports: bool, kernel) -> None:
+    """flash-attn as an installed wheel: its package imports; its compiled extension may not."""
+    import sys
+    import types
+
+    package = types.ModuleType("flash_attn")
+    package.flash_attn_func = kernel
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(
+        sys.modules, "flash_attn_2_cuda", types.ModuleType("flash_attn_2_cuda") if extension_imports else None
+    )  # None in sys.modules: `import` raises ImportError, as a bad .so does
+
+
+def test_flash_attention_needs_its_extension_and_a_working_kernel(monkeypatch):
+    calls = []
+    _fake_flash(monkeypatch, False, lambda *a, **k: calls.append(a))
+    works, why = loading._probe_flash(torch.device("cpu"))
+    assert not works and "does not import" in why and not calls
+    _fake_flash(monkeypatch, True, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no kernel image")))
+    works, why = loading._probe_flash(torch.device("cpu"))
+    assert not works and "kernel fails" in why and "no kernel image" in why
+    _fake_flash(monkeypatch, True, lambda q, k, v, causal: calls.append(q.shape))
+    assert loading._probe_flash(torch.device("cpu"))[0] and calls == [(1, 16, 2, 64)]
 
 
 def test_attention_choice_is_logged_once(monkeypatch, caplog):
@@ -52,14 +90,17 @@ def test_real_attention_call_path_on_this_machine():
     assert out.shape == (1, 3, REG.get("tiny-mistral").vocab) and out.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("cuda,rank,backend,want", [
-    (True, 3, "ddp", {"": 3}),
-    (True, None, "ddp", {"": "cuda:0"}),
-    (False, 3, "ddp", {"": "cpu"}),
-    (False, None, "ddp", {"": "cpu"}),
-    (True, 1, "fsdp", {"": "cpu"}),
-    (True, 1, "deepspeed", {"": "cpu"}),
-])
+@pytest.mark.parametrize(
+    "cuda,rank,backend,want",
+    [
+        (True, 3, "ddp", {"": 3}),
+        (True, None, "ddp", {"": "cuda:0"}),
+        (False, 3, "ddp", {"": "cpu"}),
+        (False, None, "ddp", {"": "cpu"}),
+        (True, 1, "fsdp", {"": "cpu"}),
+        (True, 1, "deepspeed", {"": "cpu"}),
+    ],
+)
 def test_device_map(monkeypatch, cuda, rank, backend, want):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert device_map_for(rank, backend) == want
@@ -150,8 +191,10 @@ def _build_in_child(cache: str, ref: str, out) -> None:
 def test_concurrent_first_builds_are_safe(tmp_path):
     ctx = multiprocessing.get_context("fork")  # spawn would re-import transformers per child (~4 s each)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_build_in_child, args=(str(tmp_path), "mistral-common:tokenizer.model.v1", out))
-             for _ in range(3)]
+    procs = [
+        ctx.Process(target=_build_in_child, args=(str(tmp_path), "mistral-common:tokenizer.model.v1", out))
+        for _ in range(3)
+    ]
     for p in procs:
         p.start()
     results = [out.get(timeout=120) for _ in procs]
@@ -163,8 +206,9 @@ def test_concurrent_first_builds_are_safe(tmp_path):
     assert [e.name for e in entries] == ["mistral-common_tokenizer.model.v1"]  # no temp folders left behind
 
 
-@pytest.mark.parametrize("ref,match", [("nowheel:x", "unknown tokenizer source"),
-                                       ("mistral-common:nope.model", "ships no")])
+@pytest.mark.parametrize(
+    "ref,match", [("nowheel:x", "unknown tokenizer source"), ("mistral-common:nope.model", "ships no")]
+)
 def test_bad_tokenizer_reference(ref, match):
     with pytest.raises(UserError, match=match):
         tokenizers.wheel_tokenizer(ref)

@@ -8,7 +8,6 @@ import pytest
 
 from launcher.plan import make_plan
 from launcher.profiles import load_profile
-from launcher.rundir import write_run_files
 from telepathy import manifest
 from telepathy.config import RunConfig
 from telepathy.registry import load_registry
@@ -31,8 +30,10 @@ def checkout(tmp_path):
 
 
 # A cluster profile may export secrets on the nodes; the plan keeps them, the manifest must not.
-PROFILE_SECRETS = {"env": {"HUGGING_FACE_HUB_TOKEN": "hf_PROFILEsecret1", "OMP_NUM_THREADS": "1"},
-                   "setup": ("module load cuda", "export COMET_API_KEY=PROFILEsecret2")}
+PROFILE_SECRETS = {
+    "env": {"HUGGING_FACE_HUB_TOKEN": "hf_PROFILEsecret1", "OMP_NUM_THREADS": "1"},
+    "setup": ("module load cuda", "export COMET_API_KEY=PROFILEsecret2"),
+}
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def run_cfg(tmp_path):
     cfg = RunConfig(sender="tiny-llama", receiver="tiny-qwen", run_dir=str(tmp_path / "run"), name="m")
     profile = dataclasses.replace(load_profile("local"), **PROFILE_SECRETS)
     plan = make_plan(pair, cfg, gpus=1, profile=profile, mode="debug")
-    write_run_files(plan, tmp_path / "run")
+    plan.write()
     return plan.run
 
 
@@ -71,15 +72,25 @@ def test_no_git_binary_never_fails(tmp_path, monkeypatch):
 
 
 def test_manifest_records_run_and_never_secrets(run_cfg, monkeypatch):
-    secrets = {"HF_TOKEN": "hf_SECRETtoken123", "GITHUB_TOKEN": "ghp_SECRET456", "WANDB_API_KEY": "SECRETkey789",
-               "AWS_SECRET_ACCESS_KEY": "SECRETaws000", "DB_PASSWORD": "SECRETpw111", "MY_PASSWD": "SECRETpw222"}
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2",
-             "SLURM_RESTART_COUNT": "0"}
+    secrets = {
+        "HF_TOKEN": "hf_SECRETtoken123",
+        "GITHUB_TOKEN": "ghp_SECRET456",
+        "WANDB_API_KEY": "SECRETkey789",
+        "AWS_SECRET_ACCESS_KEY": "SECRETaws000",
+        "DB_PASSWORD": "SECRETpw111",
+        "MY_PASSWD": "SECRETpw222",
+    }
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_ARRAY_JOB_ID": "4240",
+        "SLURM_ARRAY_TASK_ID": "2",
+        "SLURM_RESTART_COUNT": "0",
+    }
     for k, v in {**secrets, **slurm}.items():
         monkeypatch.setenv(k, v)
     manifest.start(run_cfg)
     manifest.finish(run_cfg.run_dir, "completed")
-    text = (manifest.Path(run_cfg.run_dir) / manifest.MANIFEST_FILE).read_text()
+    text = run_cfg.dir.manifest.read_text()
     for name, value in secrets.items():
         assert value not in text and name not in text
     assert "PROFILEsecret" not in text and "hf_PROFILE" not in text

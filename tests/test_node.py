@@ -24,8 +24,15 @@ from launcher.node import (
 
 
 def test_slurm_task_from_env_uses_the_array_task_id_for_requeue():
-    env = {"SLURM_JOB_ID": "107", "SLURM_ARRAY_JOB_ID": "100", "SLURM_ARRAY_TASK_ID": "7", "SLURM_PROCID": "1",
-           "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_RESTART_COUNT": "2"}
+    env = {
+        "SLURM_JOB_ID": "107",
+        "SLURM_ARRAY_JOB_ID": "100",
+        "SLURM_ARRAY_TASK_ID": "7",
+        "SLURM_PROCID": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        "SLURM_RESTART_COUNT": "2",
+    }
     t = SlurmTask.from_env(env)
     assert (t.job_id, t.requeue_id, t.procid, t.nnodes, t.restarts) == ("107", "100_7", 1, 2, 2)
     plain = SlurmTask.from_env({"SLURM_JOB_ID": "9"})
@@ -74,8 +81,15 @@ def _run_and_signal_tree(tmp_path, ignore_usr2: bool) -> tuple[int, set[str]]:
     """torchrun with 2 workers; once both are up, SIGUSR2 to every process, as SLURM signals a step."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-            str(tmp_path)]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp_path),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = start_torchrun if ignore_usr2 else subprocess.Popen
     proc = launch(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

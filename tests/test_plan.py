@@ -13,8 +13,12 @@ DGX = load_profile("dgx-h100", environ={})
 
 
 def cfg(pair, **data):
-    return RunConfig(sender=pair.sender.alias, receiver=pair.receiver.alias, run_dir="/tmp/r",
-                     data=DataConfig(**data) if data else DataConfig())
+    return RunConfig(
+        sender=pair.sender.alias,
+        receiver=pair.receiver.alias,
+        run_dir="/tmp/r",
+        data=DataConfig(**data) if data else DataConfig(),
+    )
 
 
 @pytest.mark.parametrize("gpus,nodes,per_node", [(1, 1, 1), (4, 1, 4), (8, 1, 8), (16, 2, 8), (64, 8, 8)])
@@ -28,10 +32,18 @@ def test_local_and_debug_layouts():
     assert layout_for(16, DGX, "debug").world_size == 1
 
 
-@pytest.mark.parametrize("target,max_micro,world,expect", [
-    (12, 6, 1, (6, 2, 12)), (12, 6, 4, (3, 1, 12)), (8, 2, 1, (2, 4, 8)), (8, 2, 16, (1, 1, 16)),
-    (12, 6, 5, (3, 1, 15)), (16, 100, 2, (8, 1, 16)), (256, 4, 8, (4, 8, 256)),
-])
+@pytest.mark.parametrize(
+    "target,max_micro,world,expect",
+    [
+        (12, 6, 1, (6, 2, 12)),
+        (12, 6, 4, (3, 1, 12)),
+        (8, 2, 1, (2, 4, 8)),
+        (8, 2, 16, (1, 1, 16)),
+        (12, 6, 5, (3, 1, 15)),
+        (16, 100, 2, (8, 1, 16)),
+        (256, 4, 8, (4, 8, 256)),
+    ],
+)
 def test_choose_batch(target, max_micro, world, expect):
     micro, accum, glob = choose_batch(target, max_micro, world)
     assert (micro, accum, glob) == expect
@@ -63,9 +75,8 @@ def test_no_row_uses_memory_model():
     pair = REG.pair("qwen7b-mistral7b")
     plan = make_plan(pair, cfg(pair), gpus=8, profile=DGX, mode="slurm")
     assert plan.batch.source == "estimate" and plan.batch.table_row is None
-    knobs = dict(backend="ddp", world_size=8, seq_len=plan.run.data.max_length, answer_len=plan.run.data.answer_length,
-                 bridge=plan.run.bridge, zero_stage=2, activation_checkpointing=False)
-    assert plan.batch.max_micro_batch_estimate == memory.max_micro_batch(pair, gpu_memory_gb=80, **knobs)
+    assert plan.batch.max_micro_batch_estimate == memory.max_micro_batch(plan.shape, 80)
+    assert plan.shape.world_size == 8 and plan.shape.seq_len == plan.run.data.max_length
     assert plan.run.predicted_peak_gib == pytest.approx(plan.memory["total_gib"], abs=1e-3)
 
 
@@ -79,8 +90,11 @@ def test_row_not_used_for_longer_sequences_or_other_backends():
 def test_row_that_does_not_fit_is_flagged():
     pair = REG.pair("llama8b-mistral7b")
     small = load_profile("dgx-h100", {"gpu_memory_gb": "40"}, environ={})
-    rows = [r.__class__(**{**r.__dict__, "gpu_memory_gb": 40, "micro_batch": 400, "grad_accum": 1, "effective_batch": 400})
-            for r in load_table() if r.sender == "llama8b" and r.receiver == "mistral7b"]
+    rows = [
+        r.__class__(**{**r.__dict__, "gpu_memory_gb": 40, "micro_batch": 400, "grad_accum": 1, "effective_batch": 400})
+        for r in load_table()
+        if r.sender == "llama8b" and r.receiver == "mistral7b"
+    ]
     plan = make_plan(pair, cfg(pair), gpus=1, profile=small, mode="slurm", table=rows)
     assert any("does not fit" in n for n in plan.batch.notes)
 
@@ -88,7 +102,9 @@ def test_row_that_does_not_fit_is_flagged():
 def test_weights_that_cannot_fit_are_an_error_naming_fsdp():
     pair = REG.pair("llama8b-mistral7b")
     with pytest.raises(UserError, match="fsdp"):
-        make_plan(pair, cfg(pair), gpus=1, profile=load_profile("dgx-h100", {"gpu_memory_gb": "24"}, environ={}), mode="slurm")
+        make_plan(
+            pair, cfg(pair), gpus=1, profile=load_profile("dgx-h100", {"gpu_memory_gb": "24"}, environ={}), mode="slurm"
+        )
 
 
 def test_plan_round_trips_through_json(tmp_path):

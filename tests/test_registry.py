@@ -5,8 +5,15 @@ import pytest
 from telepathy.errors import UserError
 from telepathy.registry import build_hf_config, load_registry
 
-PUBLISHED_B = {"llama1b": 1.24, "llama3b": 3.21, "llama8b": 8.03, "mistral7b": 7.25,
-               "qwen1.5b": 1.54, "qwen3b": 3.09, "qwen7b": 7.62}
+PUBLISHED_B = {
+    "llama1b": 1.24,
+    "llama3b": 3.21,
+    "llama8b": 8.03,
+    "mistral7b": 7.25,
+    "qwen1.5b": 1.54,
+    "qwen3b": 3.09,
+    "qwen7b": 7.62,
+}
 
 
 def test_all_fourteen_seed_models_and_aliases():
@@ -41,16 +48,19 @@ def test_truncated_config_is_a_fresh_object():
     assert build_hf_config(spec).num_hidden_layers == 32
 
 
-@pytest.mark.parametrize("text,sender,receiver", [
-    ("llama3b-qwen3b", "llama3b", "qwen3b"),
-    ("llama1b-qwen1.5b", "llama1b", "qwen1.5b"),
-    ("qwen1.5b-llama1b", "qwen1.5b", "llama1b"),
-    ("qwen1.5b-instruct-mistral7b-instruct", "qwen1.5b-instruct", "mistral7b-instruct"),
-    ("llama8b-mistral7b", "llama8b", "mistral7b"),
-    ("qwen7b-mistral7b", "qwen7b", "mistral7b"),
-    ("tiny-llama-tiny-qwen", "tiny-llama", "tiny-qwen"),
-    ("tiny-mistral-tiny-llama", "tiny-mistral", "tiny-llama"),
-])
+@pytest.mark.parametrize(
+    "text,sender,receiver",
+    [
+        ("llama3b-qwen3b", "llama3b", "qwen3b"),
+        ("llama1b-qwen1.5b", "llama1b", "qwen1.5b"),
+        ("qwen1.5b-llama1b", "qwen1.5b", "llama1b"),
+        ("qwen1.5b-instruct-mistral7b-instruct", "qwen1.5b-instruct", "mistral7b-instruct"),
+        ("llama8b-mistral7b", "llama8b", "mistral7b"),
+        ("qwen7b-mistral7b", "qwen7b", "mistral7b"),
+        ("tiny-llama-tiny-qwen", "tiny-llama", "tiny-qwen"),
+        ("tiny-mistral-tiny-llama", "tiny-mistral", "tiny-llama"),
+    ],
+)
 def test_pairs_parse_unambiguously(text, sender, receiver):
     pair = load_registry().pair(text)
     assert (pair.sender.alias, pair.receiver.alias) == (sender, receiver)
@@ -75,17 +85,35 @@ def test_sender_receiver_by_hub_id_and_local_dir(tmp_path):
     reg = load_registry()
     pair = reg.pair(sender="meta-llama/Llama-3.2-3B", receiver="Qwen/Qwen2.5-3B")
     assert (pair.sender.alias, pair.receiver.alias) == ("llama3b", "qwen3b")
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1000, "tie_word_embeddings": True}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "qwen2",
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "intermediate_size": 128,
+                "vocab_size": 1000,
+                "tie_word_embeddings": True,
+            }
+        )
+    )
     local = reg.pair(sender=str(tmp_path), receiver="tiny-qwen").sender
     assert local.path == str(tmp_path.resolve()) and local.hidden == 64 and local.family == "qwen2"
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("llama3b-qwen4b", "did you mean"), ("lama3b-qwen3b", "did you mean 'llama3b'"), ("llama3b-", "malformed"),
-    ("-qwen3b", "malformed"), ("gpt4-claude", "unknown pair"), ("llama3b qwen3b", "malformed"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("llama3b-qwen4b", "did you mean"),
+        ("lama3b-qwen3b", "did you mean 'llama3b'"),
+        ("llama3b-", "malformed"),
+        ("-qwen3b", "malformed"),
+        ("gpt4-claude", "unknown pair"),
+        ("llama3b qwen3b", "malformed"),
+    ],
+)
 def test_bad_pairs_name_the_problem(text, needle):
     with pytest.raises(UserError, match=needle):
         load_registry().pair(text)

@@ -13,17 +13,16 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from launcher.plan import make_plan
 from launcher.profiles import load_profile
-from launcher.rundir import write_run_files
 from launcher.sweep import expand_sweep
 from telepathy import manifest, report
 from telepathy.config import RunConfig
+from telepathy.metrics import eval_record
 from telepathy.registry import load_registry
-
-from conftest import REPO
 
 PNG_SIZE = (800, 450)
 
@@ -34,10 +33,12 @@ def real_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "demo"
     cfg = RunConfig(sender="tiny-llama", receiver="tiny-qwen", run_dir=str(run_dir), name="demo").replace(
         train={"steps": 6, "log_every": 2, "warmup_steps": 2, "checkpoint_every": 100},
-        data={"task": "demo", "eval_samples": 8}, eval={"latency_samples": 1, "relay_tokens": 8, "max_new_tokens": 4})
+        data={"task": "demo", "eval_samples": 8},
+        eval={"latency_samples": 1, "relay_tokens": 8, "max_new_tokens": 4},
+    )
     pair = load_registry().pair("tiny-llama-tiny-qwen")
     plan = make_plan(pair, cfg, gpus=1, profile=load_profile("local"), mode="debug")
-    write_run_files(plan, run_dir)
+    plan.write()
     from telepathy.train import run
 
     run(plan.run)
@@ -46,9 +47,11 @@ def real_run(tmp_path_factory):
 
 def run_cli(*args):
     """The real CLI in a fresh interpreter, which must not have imported torch or transformers."""
-    code = ("import sys; from launcher.cli import main; rc = main(sys.argv[1:]); "
-            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "sys.exit(f'imported {heavy}') if heavy else sys.exit(rc)")
+    code = (
+        "import sys; from launcher.cli import main; rc = main(sys.argv[1:]); "
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "sys.exit(f'imported {heavy}') if heavy else sys.exit(rc)"
+    )
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
@@ -59,6 +62,7 @@ def assert_png(path):
 
 
 # ---- one run ------------------------------------------------------------------------------------------
+
 
 def test_run_report_plots_and_eval_table(real_run, tmp_path):
     r = run_cli("report", str(real_run), "--json", "--out", str(tmp_path / "out"))
@@ -79,7 +83,8 @@ def test_run_report_plots_and_eval_table(real_run, tmp_path):
         assert int(table[method]["unmatched"]) == result["unmatched"]
         lat = ev["latency_ms"].get(method)
         assert (float(table[method]["latency_ms"]) if table[method]["latency_ms"] else None) == (
-            pytest.approx(lat["median"]) if lat else None)
+            pytest.approx(lat["median"]) if lat else None
+        )
     md = (tmp_path / "out" / "eval.md").read_text()
     assert f"task demo: n={ev['n']}" in md and f"| bridge | {100 * ev['accuracy']['bridge']:.1f} |" in md
 
@@ -109,7 +114,7 @@ def test_run_without_results_yet(real_run, tmp_path):
     (partial / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
     rep = report.report(partial)
     assert [p.name for p in rep.written] == ["loss.png", "throughput.png", "memory.png"]
-    assert rep.missing == ["partial"] and any("eval.json" in n for n in rep.notes)
+    assert rep.missing == ["partial"] and any("no evaluation yet" in n for n in rep.notes)
 
 
 def test_requeued_run_plots_the_resumed_attempt(real_run):
@@ -156,8 +161,9 @@ def make_sweep(real_run, root, specs, accuracy):
 @pytest.fixture
 def sweep(real_run, tmp_path):
     root = tmp_path / "sweep"
-    names = make_sweep(real_run, root, ["soft_tokens=8,32", "seed=1,2,3"],
-                       lambda cfg: BRIDGE[cfg.bridge.soft_tokens, cfg.train.seed])
+    names = make_sweep(
+        real_run, root, ["soft_tokens=8,32", "seed=1,2,3"], lambda cfg: BRIDGE[cfg.bridge.soft_tokens, cfg.train.seed]
+    )
     assert names[-1] == UNFINISHED
     return root
 
@@ -180,8 +186,11 @@ def test_sweep_table_mean_std_over_seeds_and_missing_runs(sweep, real_run):
     assert (lat8["mean"], lat8["std"]) == (pytest.approx(13.0), pytest.approx(statistics.stdev([10.0, 12.0, 17.0])))
     # baselines are the real run's, identical in every copy: std 0 over three seeds
     ev = json.loads((real_run / "eval.json").read_text())
-    assert rows[8]["methods"]["receiver"]["accuracy"] == {"mean": pytest.approx(100 * ev["accuracy"]["receiver"]),
-                                                          "std": 0.0, "n": 3}
+    assert rows[8]["methods"]["receiver"]["accuracy"] == {
+        "mean": pytest.approx(100 * ev["accuracy"]["receiver"]),
+        "std": 0.0,
+        "n": 3,
+    }
 
     md = (sweep / "report" / "summary.md").read_text()
     assert md.splitlines()[0].startswith("| soft_tokens | seeds | bridge acc (%) |")
@@ -208,8 +217,10 @@ def test_sweep_with_nothing_finished_still_reports(real_run, tmp_path):
     manifest.finish(root / names[2], "failed", MemoryError())
     r = run_cli("report", str(root))
     assert r.returncode == 0, r.stderr
-    assert (f"missing: 3 run(s) have no eval.json yet: {names[0]} (not started), {names[1]} (running), "
-            f"{names[2]} (failed (MemoryError))") in r.stdout
+    assert (
+        f"missing: 3 run(s) have no evaluation yet: {names[0]} (not started), {names[1]} (running), "
+        f"{names[2]} (failed (MemoryError))"
+    ) in r.stdout
     assert sorted(p.name for p in (root / "report").iterdir()) == ["summary.csv", "summary.md"]  # no plot
 
 
@@ -233,6 +244,7 @@ def test_bad_folder_is_one_line_exit_2(tmp_path, make):
 
 # ---- TensorBoard from the same records ------------------------------------------------------------------
 
+
 def test_tensorboard_event_files_of_a_real_run(real_run, tmp_path):
     """The trainer's own event files (written beside metrics.jsonl through MetricsWriter), read back with
     tensorboard's EventAccumulator; and the evaluation as a metrics record through the same sink."""
@@ -248,15 +260,22 @@ def test_tensorboard_event_files_of_a_real_run(real_run, tmp_path):
 
     records = read_metrics(real_run)
     got = scalars(real_run)
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s",
-            "memory/rss_gib", "memory/predicted_peak_gib"} <= set(got)
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "train/tokens_per_s",
+        "memory/rss_gib",
+        "memory/predicted_peak_gib",
+    } <= set(got)
     train = [r for r in records if r["kind"] == "train"]
     assert got["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in train]
     assert got["train/lr"] == [(r["step"], pytest.approx(r["lr"])) for r in train]
 
     ev = json.loads((real_run / "eval.json").read_text())
     sink = TensorBoardSink(tmp_path)
-    sink.write(report.eval_record(ev, step=train[-1]["step"]))
+    sink.write(eval_record(ev, step=train[-1]["step"]))
     sink.close()
     got = scalars(tmp_path)
     assert got["eval/accuracy/bridge"] == [(train[-1]["step"], pytest.approx(100 * ev["accuracy"]["bridge"]))]

@@ -10,8 +10,9 @@ LENGTHS = np.random.default_rng(0).integers(4, 128, size=1000).tolist()
 
 
 def make(rank=0, world=1, accum=2, micro=4, seed=7, grouped=True, lengths=LENGTHS):
-    return StepSampler(lengths, micro_batch=micro, grad_accum=accum, world_size=world, rank=rank, seed=seed,
-                       length_grouped=grouped)
+    return StepSampler(
+        lengths, micro_batch=micro, grad_accum=accum, world_size=world, rank=rank, seed=seed, length_grouped=grouped
+    )
 
 
 def run(s, steps):
@@ -64,7 +65,7 @@ def test_length_grouping_cuts_padding():
 
 def test_grouped_batches_are_shuffled_not_sorted():
     s = make(accum=1)
-    first_lengths = [np.asarray(LENGTHS)[mb[0]].max() for mb, in run(s, 40)]
+    first_lengths = [np.asarray(LENGTHS)[mb[0]].max() for (mb,) in run(s, 40)]
     assert first_lengths != sorted(first_lengths, reverse=True)
 
 

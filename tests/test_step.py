@@ -16,9 +16,14 @@ REG = load_registry()
 
 def _cfg(pair: str, **train) -> RunConfig:
     p = REG.pair(pair)
-    return RunConfig(sender=p.sender.alias, receiver=p.receiver.alias, run_dir="unused",
-                     bridge=BridgeConfig(soft_tokens=4, depth=2, heads=4),
-                     train=TrainConfig(**train), data=DataConfig(task="demo", max_length=48))
+    return RunConfig(
+        sender=p.sender.alias,
+        receiver=p.receiver.alias,
+        run_dir="unused",
+        bridge=BridgeConfig(soft_tokens=4, depth=2, heads=4),
+        train=TrainConfig(**train),
+        data=DataConfig(task="demo", max_length=48),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,9 @@ def _straightforward_loss(cfg, model, full_sender, batch: Batch, pad_to: int) ->
     prefix = torch.cat([emb(batch.primer_ids), soft.to(emb.weight.dtype)], 1)
     embeds = torch.cat([prefix, emb(batch.answer_ids)], 1)
     attn = torch.cat([torch.ones(b, prefix.size(1), dtype=torch.long), batch.answer_mask], 1)
-    labels = torch.cat([torch.full((b, prefix.size(1)), -100), batch.answer_ids.masked_fill(batch.answer_mask == 0, -100)], 1)
+    labels = torch.cat(
+        [torch.full((b, prefix.size(1)), -100), batch.answer_ids.masked_fill(batch.answer_mask == 0, -100)], 1
+    )
     return lm(inputs_embeds=embeds, attention_mask=attn, labels=labels).loss
 
 
@@ -89,7 +96,6 @@ def test_only_bridge_trains_and_gets_gradients(built):
     assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable_parameters())
     assert all(p.grad is None for p in model.receiver.parameters())
-    assert out.n_tokens.item() == collate(task.train[:4]).answer_mask.sum().item()
     torch.testing.assert_close(out.loss.detach(), out.lm_loss + cfg.bridge.diversity_weight * out.diversity)
     model.zero_grad(set_to_none=True)
 
@@ -122,17 +128,27 @@ def test_same_seed_same_bridge_other_seed_differs():
     assert torch.equal(a.receiver.lm.lm_head.weight, b.receiver.lm.lm_head.weight)
 
 
-def test_activation_checkpointing_keeps_the_gradients(built):
+def test_activation_checkpointing_recomputes_and_keeps_the_gradients(built, monkeypatch):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
     _, model, collate, task = built
     batch = collate(task.train[:4])
     pair = REG.pair("tiny-llama-tiny-qwen")
     ckpt, _, _ = build_telepathy_model(_cfg("tiny-llama-tiny-qwen", activation_checkpointing=True), pair, "cpu")
+    layers = ckpt.receiver.lm.model.layers
+    assert all(isinstance(layer, CheckpointWrapper) for layer in layers)
+    runs = []  # each receiver layer's MLP runs in forward and again in backward (the recompute)
+    mlp = type(layers[0]._checkpoint_wrapped_module.mlp)  # counted in the class: recompute skips module hooks
+    forward = mlp.forward
+    monkeypatch.setattr(mlp, "forward", lambda self, x: (runs.append(1), forward(self, x))[1])
     grads = []
     for m in (model, ckpt):
         m.zero_grad(set_to_none=True)
+        runs.clear()
         m(batch).loss.backward()
         grads.append(m.bridge.latents.grad.clone())
         m.zero_grad(set_to_none=True)
+    assert len(runs) == 2 * len(layers)
     torch.testing.assert_close(grads[0], grads[1])
 
 
@@ -143,7 +159,9 @@ def test_single_model_pair_shares_the_weights():
     assert all(a is b for a, b in zip(model.sender.layers, lm.model.layers))
     assert len(model.sender.layers) == REG.get("tiny-llama").layers - 1
     stored = {p.data_ptr() for p in model.parameters()}
-    assert len(stored) == len({p.data_ptr() for p in lm.parameters()} | {p.data_ptr() for p in model.bridge.parameters()})
+    assert len(stored) == len(
+        {p.data_ptr() for p in lm.parameters()} | {p.data_ptr() for p in model.bridge.parameters()}
+    )
 
 
 def test_meta_build_is_full_size_and_weightless():

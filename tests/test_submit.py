@@ -1,8 +1,11 @@
 """The sbatch script, rendered without SLURM (what --dry-run prints): resources, preemption, snapshot,
 environment, quoting and refusals. Submission of the same bytes to a real cluster is in tests/slurm."""
 
+import os
 import shlex
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,14 +36,23 @@ def sbatch_lines(script: str) -> dict[str, str]:
     out = {}
     for line in script.splitlines():
         if line.startswith("#SBATCH --"):
-            key, _, value = line[len("#SBATCH --"):].partition("=")
+            key, _, value = line[len("#SBATCH --") :].partition("=")
             out[key] = value
     return out
 
 
 def test_one_task_per_node_with_all_its_gpus_and_preemption_settings(tmp_path):
-    plan = plan_at(tmp_path / "r1", gpus=8, gpus_per_node=4, cpus_per_gpu=3, mem_per_gpu_gb=2, signal_delay_s=45,
-                   account="proj", qos="high", time_limit_min=90)
+    plan = plan_at(
+        tmp_path / "r1",
+        gpus=8,
+        gpus_per_node=4,
+        cpus_per_gpu=3,
+        mem_per_gpu_gb=2,
+        signal_delay_s=45,
+        account="proj",
+        qos="high",
+        time_limit_min=90,
+    )
     script = render_sbatch(plan)
     s = sbatch_lines(script)
     resources = (s["nodes"], s["ntasks-per-node"], s["gpus-per-node"], s["cpus-per-task"], s["mem"])
@@ -60,9 +72,13 @@ def test_the_job_runs_the_snapshot_with_the_job_environment(tmp_path):
     code = f"{tmp_path}/r1/code/1"
     assert f"cd {code}" in script and f"export PYTHONPATH={code}${{PYTHONPATH:+:$PYTHONPATH}}" in script
     assert script.index(f"cd {code}") < script.index("srun ")
-    for line in ("export PYTHONUNBUFFERED=1", "export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
-                 "export HF_HOME='/shared/hf cache'", "export OMP_NUM_THREADS=1",
-                 f"export TELEPATHY_CONFIGS={code}/configs"):
+    for line in (
+        "export PYTHONUNBUFFERED=1",
+        "export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+        "export HF_HOME='/shared/hf cache'",
+        "export OMP_NUM_THREADS=1",
+        f"export TELEPATHY_CONFIGS={code}/configs",
+    ):
         assert line in script
     assert "# batch: micro" in script  # the header says what the planner chose and why
 
@@ -114,6 +130,30 @@ def test_tokens_in_the_environment_never_reach_the_script(tmp_path, monkeypatch)
 
 def test_profile_env_overrides_defaults():
     prof = ClusterProfile(name="p", gpus_per_node=8, gpu_memory_gb=80, env={"OMP_NUM_THREADS": "4"})
-    plan = make_plan(PAIR, RunConfig(sender="tiny-llama", receiver="tiny-qwen", run_dir="/r"), gpus=1, profile=prof,
-                     mode="slurm")
+    plan = make_plan(
+        PAIR, RunConfig(sender="tiny-llama", receiver="tiny-qwen", run_dir="/r"), gpus=1, profile=prof, mode="slurm"
+    )
     assert job_env(plan, __import__("pathlib").Path("/c"))["OMP_NUM_THREADS"] == "4"
+
+
+REFERENCE = Path(__file__).parent / "data" / "reference.sbatch"
+
+
+def test_the_rendered_script_is_the_reference_byte_for_byte():
+    """A checked-in sbatch script for one fixed 2-node plan: any change in what submitit renders (another
+    submitit version, another parameter) shows here. Only this interpreter's path is machine-specific.
+    To accept a deliberate change: TELEPATHY_UPDATE_REFERENCE=1 pytest tests/test_submit.py."""
+    plan = plan_at(
+        "/nonexistent/runs/reference",
+        gpus=8,
+        profile="dgx-h100",
+        gpus_per_node=4,
+        account="proj",
+        partition="gpu",
+        time_limit_min=240,
+        hf_home="/shared/hf",
+    )
+    script = render_sbatch(plan).replace(sys.executable, "PYTHON")
+    if os.environ.get("TELEPATHY_UPDATE_REFERENCE") == "1":
+        REFERENCE.write_text(script)
+    assert script == REFERENCE.read_text(), "the sbatch script changed; see this test's docstring"

@@ -1,18 +1,14 @@
 """Sweep expansion: keys from the flags' table, typed values, safe unique task names, array chunks."""
 
-import time
-
 import pytest
 
-from launcher.cmd_run import RUN_FLAGS
-from launcher.plan import make_plan
-from launcher.profiles import load_profile
-from launcher.rundir import check_name
-from launcher.sweep import MAX_TASKS, chunks, expand_sweep, is_complete, sweep_keys
-from launcher.table import load_table
+from launcher.flags import RUN_FLAGS
+from launcher.runs import check_name
+from launcher.submit import chunks
+from launcher.sweep import MAX_TASKS, expand_sweep, sweep_keys
 from telepathy.config import RunConfig
 from telepathy.errors import UserError
-from telepathy.registry import load_registry
+from telepathy.rundir import RunDir
 
 
 def test_product_order_names_and_overrides():
@@ -26,9 +22,12 @@ def test_product_order_names_and_overrides():
 
 def test_every_flag_key_maps_to_its_runconfig_field_and_applies():
     base = RunConfig(sender="tiny-llama", receiver="tiny-qwen", run_dir="/tmp/r")
-    (_, o), = expand_sweep(["soft_tokens=8", "depth=3", "task=demo", "steps=7", "diversity-weight=0.5"])
-    assert o == {"bridge": {"soft_tokens": 8, "depth": 3, "diversity_weight": 0.5}, "data": {"task": "demo"},
-                 "train": {"steps": 7}}
+    ((_, o),) = expand_sweep(["soft_tokens=8", "depth=3", "task=demo", "steps=7", "diversity-weight=0.5"])
+    assert o == {
+        "bridge": {"soft_tokens": 8, "depth": 3, "diversity_weight": 0.5},
+        "data": {"task": "demo"},
+        "train": {"steps": 7},
+    }
     cfg = base.replace(**o)
     assert (cfg.bridge.soft_tokens, cfg.bridge.depth, cfg.data.task, cfg.train.steps) == (8, 3, "demo", 7)
     assert set(sweep_keys()) == set(RUN_FLAGS) | {"pair"}  # one table: the flags'
@@ -39,11 +38,20 @@ def test_pair_sweep_passes_the_pair_through():
     assert [o["pair"] for _, o in tasks] == ["tiny-llama-tiny-qwen", "tiny-mistral-tiny-qwen"]
 
 
-@pytest.mark.parametrize("spec,fragment", [
-    ("seed", "KEY=V1,V2"), ("=1,2", "KEY=V1,V2"), ("colour=red", "unknown"), ("seed=1,,2", "empty value"),
-    ("seed=1,1", "repeated"), ("lr=fast", "bad value"), ("steps=0", "bad value"), ("lr=-1", "bad value"),
-    ("seed=$(touch /tmp/x)", "bad value"),
-])
+@pytest.mark.parametrize(
+    "spec,fragment",
+    [
+        ("seed", "KEY=V1,V2"),
+        ("=1,2", "KEY=V1,V2"),
+        ("colour=red", "unknown"),
+        ("seed=1,,2", "empty value"),
+        ("seed=1,1", "repeated"),
+        ("lr=fast", "bad value"),
+        ("steps=0", "bad value"),
+        ("lr=-1", "bad value"),
+        ("seed=$(touch /tmp/x)", "bad value"),
+    ],
+)
 def test_bad_specs_are_one_line_user_errors(spec, fragment):
     with pytest.raises(UserError, match=fragment):
         expand_sweep([spec])
@@ -60,26 +68,27 @@ def test_a_key_twice_and_too_many_tasks_are_refused():
 def test_hostile_string_values_give_safe_folder_names(tmp_path):
     odd = tmp_path / "a b'c\"$(touch x);`y`.jsonl"
     odd.write_text('{"text": "hi", "label": "x"}\n')
-    (name, overrides), = expand_sweep([f"task={odd}"])
+    ((name, overrides),) = expand_sweep([f"task={odd}"])
     assert check_name(name) and "/" not in name and "$" not in name and " " not in name
     assert overrides["data"]["task"] == str(odd)  # the value itself is untouched (it goes to config.json)
 
 
-def test_planning_1000_tasks_takes_under_a_second():
-    reg, prof, table = load_registry(), load_profile("dgx-h100", environ={}), load_table()
-    pair = reg.pair("llama3b-qwen3b")
-    base = RunConfig(sender="llama3b", receiver="qwen3b", run_dir="/tmp/r")
+def test_a_sweep_plans_every_task_from_one_request(tmp_path):
+    from launcher.flags import LaunchRequest
+    from launcher.plan import build_plans
 
-    def plan_sweep():
-        tasks = expand_sweep(["seed=" + ",".join(map(str, range(100))), "lr=1e-4,2e-4,3e-4,4e-4,5e-4", "depth=1,2"])
-        return [make_plan(pair, base.replace(**o), gpus=8, profile=prof, mode="slurm", table=table) for _, o in tasks]
-
-    timings = []
-    for _ in range(3):  # best of 3, as timeit does: other processes share these 2 cores
-        t0 = time.perf_counter()
-        plans = plan_sweep()
-        timings.append(time.perf_counter() - t0)
-    assert len(plans) == 1000 and min(timings) < 1.0, f"{min(timings):.2f} s"
+    request = LaunchRequest(
+        pair="llama3b-qwen3b",
+        gpus=8,
+        name="sw",
+        runs_dir=str(tmp_path),
+        sweep=("seed=1,2,3", "pair=llama3b-qwen3b,llama1b-qwen1.5b"),
+    )
+    plans, sweep_dir = build_plans(request)
+    assert sweep_dir == tmp_path / "sw" and len(plans) == 6
+    assert [p.run.train.seed for p in plans] == [1, 1, 2, 2, 3, 3]
+    assert [p.run.sender for p in plans[:2]] == ["llama3b", "llama1b"]
+    assert all(p.run.dir.path.parent == sweep_dir for p in plans)
 
 
 def test_chunks_respect_max_array_size():
@@ -91,6 +100,7 @@ def test_chunks_respect_max_array_size():
 
 
 def test_complete_means_the_eval_file_exists(tmp_path):
-    assert not is_complete(tmp_path)
-    (tmp_path / "eval.json").write_text("{}")
-    assert is_complete(tmp_path)
+    run = RunDir(tmp_path)
+    assert not run.is_complete()
+    run.eval.write_text("{}")
+    assert run.is_complete()

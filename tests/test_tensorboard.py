@@ -16,15 +16,32 @@ def scalars_of(run_dir):
 def test_records_become_scalars(tmp_path):
     sink = tb.TensorBoardSink(tmp_path)
     for step in (1, 2, 3):
-        sink.write({"step": step, "loss": 3.0 - step, "lr": 1e-4 * step, "grad_norm": 0.5, "samples_per_s": 10.0 * step,
-                    "memory": {"rss_gib": 1.25}, "note": "text is skipped", "nan": float("nan"), "flag": True})
+        sink.write(
+            {
+                "step": step,
+                "loss": 3.0 - step,
+                "lr": 1e-4 * step,
+                "grad_norm": 0.5,
+                "samples_per_s": 10.0 * step,
+                "memory": {"rss_gib": 1.25},
+                "note": "text is skipped",
+                "nan": float("nan"),
+                "flag": True,
+            }
+        )
     sink.write({"kind": "eval", "step": 3, "accuracy": 75.0})
     sink.write({"loss": 9.0})  # no step: nothing to plot it against
     sink.close()
     assert list(tmp_path.glob("events.out.tfevents.*"))
     s = scalars_of(tmp_path)
-    assert set(s) == {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/memory/rss_gib",
-                      "eval/accuracy"}
+    assert set(s) == {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "train/memory/rss_gib",
+        "eval/accuracy",
+    }
     assert s["train/loss"] == [(1, 2.0), (2, 1.0), (3, 0.0)]
     assert [v for _, v in s["train/samples_per_s"]] == [10.0, 20.0, 30.0]
     assert s["train/memory/rss_gib"][0][1] == 1.25

@@ -5,17 +5,17 @@ import json
 import math
 import shutil
 import signal
-from pathlib import Path
 
 import pytest
 import torch
-
 from distributed.tiny_run import final_bridge, finish, losses, output, start, tiny_config, train_records, wait_for_step
+
 from telepathy import checkpoint as ckpt
 from telepathy.backends import lr_factor
 from telepathy.config import TrainConfig
 from telepathy.errors import UserError
-from telepathy.train import EXIT_PREEMPTED, run
+from telepathy.rundir import EXIT_PREEMPTED, RunDir
+from telepathy.train import run
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -38,20 +38,24 @@ def finished(tmp_path_factory):
 
 def test_in_process_run_trains_checkpoints_and_evaluates(finished):
     cfg, result = finished
-    run_dir = Path(cfg.run_dir)
-    assert result["accuracy"]["bridge"] >= 0 and json.loads((run_dir / "eval.json").read_text()) == result
+    run_dir = cfg.dir
+    assert json.loads(run_dir.eval.read_text()) == result
+    bridge = result["methods"]["bridge"]  # the accuracy is what the per-class counts of the eval split say
+    assert result["n"] == cfg.data.eval_samples == sum(c["n"] for c in bridge["per_class"].values())
+    assert bridge["accuracy"] == sum(c["correct"] for c in bridge["per_class"].values()) / result["n"]
     records = train_records(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[-1]["loss"] < records[0]["loss"]  # lr 1e-3 on 32 examples: it learns
     assert records[0]["lr"] == pytest.approx(1e-3)  # warmup_steps=1: full rate at the first step
     for r in records:
         assert r["grad_norm"] > 0 and r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and math.isfinite(r["loss"])
-    memory = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line)["kind"] == "memory"]
+    memory = [
+        json.loads(line) for line in run_dir.metrics.read_text().splitlines() if json.loads(line)["kind"] == "memory"
+    ]
     assert [m["phase"] for m in memory] == ["loaded", "first_step"]
     assert all(m["predicted_peak_gib"] == 1.5 and m["rss_gib"] > 0 for m in memory)
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
-    assert (run_dir / "logs" / "worker_rank0.log").read_text()
+    assert [d.step for d in run_dir.step_dirs()] == [4, 2]
+    assert run_dir.worker_log(0).read_text()
     # a finished run is not trained again
     assert run(cfg) == result and len(train_records(run_dir)) == 4
 
@@ -66,14 +70,14 @@ def test_sigusr2_checkpoints_and_resume_is_bitwise_identical(tmp_path):
     wait_for_step(cut.run_dir, 2, proc)
     proc.send_signal(signal.SIGUSR2)
     assert finish(proc) == EXIT_PREEMPTED, output(cut)
-    saved = ckpt.latest_valid(cut.run_dir)
-    assert 2 <= saved.step < steps and not (tmp_path / "cut" / "eval.json").exists()
-    assert json.loads((tmp_path / "cut" / "preempted.json").read_text()) == {"step": saved.step}
+    saved = ckpt.latest_valid(cut.dir)
+    assert 2 <= saved.step < steps and not cut.dir.is_complete()
+    assert cut.dir.preempted_step() == saved.step
     # the data position travels with the checkpoint: `step` global batches of epoch 0 consumed
     assert saved.state["sampler"] == {"epoch": 0, "position": saved.step, "global_batch": 8}
 
     assert finish(start(cut, 1)) == 0, output(cut)
-    assert "resumed from" in (tmp_path / "cut" / "logs" / "worker_rank0.log").read_text()
+    assert "resumed from" in cut.dir.worker_log(0).read_text()
     expected, got = final_bridge(straight.run_dir), final_bridge(cut.run_dir)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     straight_losses, cut_losses = losses(straight.run_dir), losses(cut.run_dir)
@@ -83,16 +87,16 @@ def test_sigusr2_checkpoints_and_resume_is_bitwise_identical(tmp_path):
 def test_damaged_newest_checkpoint_falls_back_and_retrains_the_same(finished, tmp_path):
     shutil.copytree(finished[0].run_dir, tmp_path, dirs_exist_ok=True)
     cfg = finished[0].replace(run_dir=str(tmp_path))
-    newest = ckpt.step_dir(tmp_path, 4)
-    original = ckpt.Checkpoint(newest, 4).bridge()
-    damaged = newest / "bridge.safetensors"
-    damaged.write_bytes(damaged.read_bytes()[:-8] + b"garbage!")
-    (tmp_path / "eval.json").unlink()
+    run_dir = cfg.dir
+    newest = run_dir.step(4)
+    original = ckpt.Checkpoint(newest).bridge()
+    newest.bridge.write_bytes(newest.bridge.read_bytes()[:-8] + b"garbage!")
+    run_dir.eval.unlink()
 
     run(cfg)
-    log = (tmp_path / "logs" / "worker_rank0.log").read_text()
-    assert "step_000004 is unusable" in log and "resumed from " + str(ckpt.step_dir(tmp_path, 2)) in log
-    again = ckpt.latest_valid(tmp_path)
+    log = run_dir.worker_log(0).read_text()
+    assert f"{newest.path} is unusable" in log and f"resumed from {run_dir.step(2).path}" in log
+    again = ckpt.latest_valid(run_dir)
     got = again.bridge()
     assert again.step == 4, again
     assert {k: (original[k] - got[k]).abs().max().item() for k in original} == {k: 0.0 for k in original}
@@ -100,7 +104,7 @@ def test_damaged_newest_checkpoint_falls_back_and_retrains_the_same(finished, tm
 
 def test_checkpoint_of_another_bridge_layout_is_a_one_line_error(finished, tmp_path):
     shutil.copytree(finished[0].run_dir, tmp_path, dirs_exist_ok=True)
-    (tmp_path / "eval.json").unlink()
+    RunDir(tmp_path).eval.unlink()
     cfg = finished[0].replace(run_dir=str(tmp_path), bridge={"depth": 2})  # the run had 1 block
     with pytest.raises(UserError, match=r"holds another bridge layout \(\d+ names differ, e.g. blocks\.1\."):
         run(cfg)

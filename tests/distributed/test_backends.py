@@ -10,18 +10,15 @@ weights < 1e-4 absolute). 1e-3 covers that and still fails on real errors: an un
 counted micro-step changes step-1's grad norm (ranks see different halves) or the step-2 loss by far more,
 and a wrong 1/world scale shows in grad_norm (Adam itself is scale-invariant, so the loss alone would not)."""
 
-import json
 import signal
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
+from tiny_run import final_bridge, finish, launch, losses, output, start, tiny_config, train_records, wait_for_step
 
-from tiny_run import (final_bridge, finish, launch, losses, output, start, tiny_config, train_records,
-                      wait_for_step)
 from telepathy import checkpoint as ckpt
-from telepathy.train import EXIT_PREEMPTED
+from telepathy.rundir import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.distributed
 
@@ -52,20 +49,20 @@ def test_two_workers_match_one_process(name, single, tmp_path):
     assert bridge.keys() == ref_bridge.keys()
     for k in bridge:
         torch.testing.assert_close(bridge[k], ref_bridge[k], rtol=0, atol=5e-4, msg=k)  # seen: <1e-4
-    assert (tmp_path / "eval.json").exists()
+    assert cfg.dir.is_complete()
     if name == "fsdp":
         _continue_with_ddp(cfg)
 
 
 def _continue_with_ddp(fsdp_cfg) -> None:
     """An FSDP checkpoint carries full, name-keyed weights and AdamW state: DDP resumes it completely."""
-    run_dir = Path(fsdp_cfg.run_dir)
-    (run_dir / "eval.json").unlink()
-    cfg = tiny_config(run_dir, backend="ddp", grad_accum=2, steps=5)
+    run_dir = fsdp_cfg.dir
+    run_dir.eval.unlink()
+    cfg = tiny_config(run_dir.path, backend="ddp", grad_accum=2, steps=5)
     assert launch(cfg, 2) == 0, output(cfg)
-    log = (run_dir / "logs" / "worker_rank0.log").read_text()
-    assert f"resumed from {ckpt.step_dir(run_dir, 4)}\n" in log  # not "weights only"
-    assert 5 in losses(run_dir)
+    log = run_dir.worker_log(0).read_text()
+    assert f"resumed from {run_dir.step(4).path}\n" in log  # not "weights only"
+    assert 5 in losses(run_dir.path)
 
 
 def _signal_rank(proc, rank: int, sig: int) -> None:
@@ -92,17 +89,17 @@ def test_preempted_on_one_rank_resumes_bitwise(backend, tmp_path):
     wait_for_step(cut.run_dir, 2, proc)
     _signal_rank(proc, 1, signal.SIGUSR2)  # only rank 1 hears it; the per-step all-reduce tells rank 0
     assert finish(proc) != 0
-    saved = ckpt.latest_valid(cut.run_dir)
+    saved = ckpt.latest_valid(cut.dir)
     assert saved is not None and 2 <= saved.step < steps, output(cut)
     # both ranks checkpointed the same step and exited with the preemption code
     assert output(cut).count(f"preempted: checkpoint at step {saved.step} written") == 2
     assert f"exitcode: {EXIT_PREEMPTED}" in output(cut).replace("exitcode  :", "exitcode:")
-    assert json.loads((tmp_path / "cut" / "preempted.json").read_text()) == {"step": saved.step}
+    assert cut.dir.preempted_step() == saved.step
 
     before = losses(cut.run_dir)  # the steps before the signal: same as the straight run
     assert all(before[s] == losses(straight.run_dir)[s] for s in range(1, saved.step + 1))
     assert launch(cut, 2) == 0, output(cut)
-    assert not (tmp_path / "cut" / "preempted.json").exists()
+    assert cut.dir.preempted_step() is None
     expected, got = final_bridge(straight.run_dir), final_bridge(cut.run_dir)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     straight_losses, cut_losses = losses(straight.run_dir), losses(cut.run_dir)

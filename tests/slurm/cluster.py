@@ -9,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-from launcher import jobs
+from launcher import jobs, slurm
 from launcher.plan import Plan, make_plan
 from launcher.profiles import load_profile
 from telepathy.config import RunConfig
 from telepathy.registry import load_registry
+from telepathy.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 PAIR = "tiny-llama-tiny-qwen"
@@ -22,13 +23,23 @@ PAIR = "tiny-llama-tiny-qwen"
 def tiny_run(run_dir: Path, *, name: str | None = None, **train) -> RunConfig:
     """tiny-llama -> tiny-qwen on the shipped demo task; fp32 bridge so resumed runs compare bitwise;
     evaluation cut to the bridge on 4 samples (the jobs, not evaluation, are under test here)."""
-    settings = {"steps": 4, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 100, "log_every": 1,
-                "bridge_dtype": "float32", "seed": 3}
+    settings = {
+        "steps": 4,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "checkpoint_every": 100,
+        "log_every": 1,
+        "bridge_dtype": "float32",
+        "seed": 3,
+    }
     settings.update(train)
     cfg = RunConfig(sender="tiny-llama", receiver="tiny-qwen", run_dir=str(run_dir), name=name or Path(run_dir).name)
-    return cfg.replace(bridge={"soft_tokens": 4, "depth": 1, "heads": 4}, train=settings,
-                       data={"task": "demo", "eval_samples": 4},
-                       eval={"baselines": (), "latency_samples": 0, "max_new_tokens": 3, "batch_size": 4})
+    return cfg.replace(
+        bridge={"soft_tokens": 4, "depth": 1, "heads": 4},
+        train=settings,
+        data={"task": "demo", "eval_samples": 4},
+        eval={"baselines": (), "latency_samples": 0, "max_new_tokens": 3, "batch_size": 4},
+    )
 
 
 def tiny_plan(cfg: RunConfig, *, gpus: int = 1, **profile) -> Plan:
@@ -45,7 +56,7 @@ def wait_done(root: Path | str, timeout: float = 300, poll: float = 1.0) -> list
     deadline = time.monotonic() + timeout
     while True:
         rows = status(root)
-        if all(r["job_id"] is None or not jobs.is_active(r["state"]) and r["state"] != "UNKNOWN" for r in rows):
+        if all(r["job_id"] is None or not slurm.is_active(r["state"]) and r["state"] != "UNKNOWN" for r in rows):
             return rows
         if time.monotonic() > deadline:
             raise AssertionError(f"still running after {timeout} s: {rows}\n{logs(root)}")
@@ -67,8 +78,14 @@ def logs(root: Path | str) -> str:
 
 def launch(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """The real CLI in a fresh interpreter, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, **(env or {})), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, **(env or {})),
+        timeout=timeout,
+    )
 
 
 def launch_json(*args: str) -> dict:
@@ -78,4 +95,4 @@ def launch_json(*args: str) -> dict:
 
 
 def last_step(run_dir: Path | str) -> int:
-    return (jobs.last_train_record(run_dir) or {}).get("step", 0)
+    return (jobs.last_train_record(RunDir(run_dir)) or {}).get("step", 0)

@@ -1,0 +1,212 @@
+"""SLURM's view of jobs: sacct, squeue and scontrol, called with fixed formats and parsed in one place.
+
+Every query asks for `--parsable2` (fields split by '|', no trailing '|') with an explicit field list, so
+the parse does not depend on a SLURM version's default columns. A line that does not parse is reported
+(`Parsed.problems`), never a traceback. Torch-free.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+from telepathy.errors import UserError
+
+# States in which a job may still run: a task in one of them is not submitted again.
+ACTIVE = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+    "RESV_DEL_HOLD",
+    "STOPPED",
+}
+SACCT_FIELDS = ("JobID", "State", "NodeList", "Elapsed", "ExitCode", "Reason")
+# squeue's format codes for the same facts: id (%i: ARRAYJOB_TASK for array tasks), state, nodes, elapsed, reason.
+SQUEUE_FORMAT = "%i|%T|%N|%M|%r"
+SQUEUE_FIELDS = ("JobID", "State", "NodeList", "Elapsed", "Reason")
+_ARRAY = re.compile(r"^(\d+)_\[([0-9,\-]+)(?:%\d+)?\]$")
+_JOB_ID = re.compile(r"^\d+(_\d+)?(\+\d+)?$|^\d+_\[[0-9,\-%]+\]$")
+_STEP_SUFFIX = re.compile(r"\.(batch|extern|interactive|\d+)$")
+
+
+def is_active(state: str) -> bool:
+    return state in ACTIVE
+
+
+def expand_job_id(job_id: str) -> list[str]:
+    """SLURM's ids: '12', '15_3', or a pending array range '15_[4-6,9%2]' -> ['15_4', '15_5', '15_6', '15_9']."""
+    m = _ARRAY.match(job_id)
+    if not m:
+        return [job_id]
+    out = []
+    for part in m.group(2).split(","):
+        lo, _, hi = part.partition("-")
+        out += [f"{m.group(1)}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def elapsed_seconds(text: str | None) -> int | None:
+    """sacct's [D-]HH:MM:SS or squeue's [[D-]H:]M:SS -> seconds."""
+    m = re.match(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$", text or "")
+    if not m:
+        return None
+    d, h, mi, s = (int(x or 0) for x in m.groups())
+    return ((d * 24 + h) * 60 + mi) * 60 + s
+
+
+@dataclass
+class Parsed:
+    """{job id: {State, NodeList, Elapsed, ExitCode, Reason, attempts}} and the lines that did not parse."""
+
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    state = (row.get("State") or "").split()
+    row["State"] = state[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+    if row.get("NodeList") in ("", "None assigned", "(null)", None):
+        row["NodeList"] = None
+    reason = row.get("Reason")
+    row["Reason"] = None if reason in ("", "None", "(null)", None) else reason
+    if "ExitCode" in row and not row["ExitCode"]:
+        row["ExitCode"] = None
+    return row
+
+
+def parse_sacct(text: str, fields: tuple[str, ...] = SACCT_FIELDS) -> Parsed:
+    """`sacct --parsable2 --noheader --format=<fields>` output. With --duplicates every attempt of a
+    requeued job is a row, oldest first: the newest wins and `attempts` counts them. Job steps
+    (12.batch, 12.0) are skipped; an array's pending remainder (15_[4-6]) is expanded."""
+    out = Parsed()
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) != len(fields) or not _JOB_ID.match(parts[0]) and not _STEP_SUFFIX.search(parts[0]):
+            out.problems.append(f"sacct line {n}: {line[:120]!r} (expected {len(fields)} '|'-separated fields)")
+            continue
+        row = _clean(dict(zip(fields, parts)))
+        jid = row.pop("JobID")
+        if _STEP_SUFFIX.search(jid):
+            continue
+        for one in expand_job_id(jid.split("+")[0]):
+            attempts = out.jobs.get(one, {}).get("attempts", 0) + 1
+            out.jobs[one] = {**row, "attempts": attempts}
+    return out
+
+
+def parse_squeue(text: str, fields: tuple[str, ...] = SQUEUE_FIELDS) -> Parsed:
+    """`squeue --noheader --array --format=<SQUEUE_FORMAT>` output (one row per array task)."""
+    out = Parsed()
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) != len(fields) or not _JOB_ID.match(parts[0]):
+            out.problems.append(f"squeue line {n}: {line[:120]!r} (expected {len(fields)} '|'-separated fields)")
+            continue
+        row = _clean(dict(zip(fields, parts)))
+        for one in expand_job_id(row.pop("JobID")):
+            out.jobs[one] = {**row, "ExitCode": None, "attempts": 1}
+    return out
+
+
+def _run(cmd: list[str], timeout: float = 60) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True).stdout
+    except FileNotFoundError:
+        raise UserError(f"{cmd[0]} not found: run this where the SLURM client tools are installed") from None
+    except subprocess.CalledProcessError as e:
+        why = (e.stderr.strip().splitlines() or [str(e.returncode)])[-1]
+        raise UserError(f"{cmd[0]} failed ({why}); is SLURM (and its accounting) up?") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(
+            f"{cmd[0]} did not answer within {timeout:g} s; the controller or its database may be down, try again"
+        ) from None
+
+
+def job_states(job_ids: list[str]) -> Parsed:
+    """SLURM's view of any number of jobs and array tasks: one sacct call, then one squeue call for what
+    accounting has not received yet (seconds after sbatch) and for the pending reasons."""
+    wanted = set(job_ids)
+    base = sorted({j.split("_")[0] for j in wanted}, key=int)
+    if not base:
+        return Parsed()
+    found = parse_sacct(
+        _run(
+            [
+                "sacct",
+                "--allocations",
+                "--duplicates",
+                "--parsable2",
+                "--noheader",
+                f"--format={','.join(SACCT_FIELDS)}",
+                f"--jobs={','.join(base)}",
+            ]
+        )
+    )
+    for jid in wanted - set(found.jobs):  # an array cancelled before any task started is one row: "15"
+        if "_" in jid and jid.split("_")[0] in found.jobs:
+            found.jobs[jid] = found.jobs[jid.split("_")[0]]
+    queued = [
+        j for j in base if any(s.get("State") == "PENDING" for k, s in found.jobs.items() if k.split("_")[0] == j)
+    ]
+    missing = sorted({j.split("_")[0] for j in wanted - set(found.jobs)} | set(queued), key=int)
+    if missing:
+        try:
+            text = _run(
+                [
+                    "squeue",
+                    "--noheader",
+                    "--array",
+                    "--states=all",
+                    f"--format={SQUEUE_FORMAT}",
+                    f"--jobs={','.join(missing)}",
+                ]
+            )
+        except UserError:  # squeue refuses ids the controller has forgotten: those stay UNKNOWN
+            text = ""
+        live = parse_squeue(text)
+        found.problems += live.problems
+        for jid, row in live.jobs.items():  # the controller is newer than accounting
+            old = found.jobs.get(jid, {})
+            found.jobs[jid] = {**old, **row, "attempts": old.get("attempts", 1), "ExitCode": old.get("ExitCode")}
+    return found
+
+
+def slurm_available(timeout: float = 5.0) -> bool:
+    """sbatch and srun on PATH and the controller answers `scontrol ping` (bounded: never hangs)."""
+    if not all(shutil.which(tool) for tool in ("sbatch", "srun", "scontrol")):
+        return False
+    try:
+        out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and " is UP" in out.stdout
+
+
+def controller_max_array_size(timeout: float = 3.0) -> int | None:
+    """MaxArraySize of the running controller (None where SLURM is absent)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=timeout).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.MULTILINE)
+    return int(m.group(1)) if m else None
+
+
+def scancel(job_ids: list[str]) -> None:
+    if job_ids:
+        _run(["scancel", *job_ids])
