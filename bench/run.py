@@ -131,7 +131,9 @@ def original_batches(sender, answers, batch: int, steps: int, max_length: int, s
 
 def fresh_bridge(cfg: RunConfig, pair, target_rms: float, device, seed: int = 0) -> Bridge:
     torch.manual_seed(seed)
-    return Bridge(cfg.bridge, pair.sender.hidden, pair.receiver.hidden, target_rms).to(device, torch.bfloat16)
+    return Bridge(cfg.bridge, pair.sender.hidden, pair.receiver.hidden, target_rms).to(
+        device
+    )  # fp32 master weights: the model runs it under autocast
 
 
 def original_optimizer(params, lr: float = 2e-4) -> torch.optim.Optimizer:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.profiles import OVERRIDABLE, add_profile_flags
-from telepathy.config import ATTENTIONS, BACKENDS, BRIDGE_DTYPES
+from telepathy.config import ATTENTIONS, BACKENDS, PRECISIONS
 
 
 def positive_int(text: str) -> int:
@@ -84,7 +84,7 @@ RUN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "warmup-steps": ("train", "warmup_steps", non_negative_int),
     "checkpoint-every": ("train", "checkpoint_every", positive_int),
     "zero-stage": ("train", "zero_stage", int),
-    "bridge-dtype": ("train", "bridge_dtype", choice(*BRIDGE_DTYPES)),
+    "precision": ("train", "precision", choice(*PRECISIONS)),
     "attention": ("train", "attention", choice(*ATTENTIONS)),
     "soft-tokens": ("bridge", "soft_tokens", positive_int),
     "depth": ("bridge", "depth", positive_int),

@@ -13,8 +13,14 @@ checkpoint does not depend on the backend that wrote it.
   root; the frozen weights are sharded too (what FSDP is for here).
 - deepspeed: a ZeRO-2/3 engine over the bridge only (configs/deepspeed/zero{2,3}.json, "auto" fields filled
   in from the run config). The optimizer is the same torch AdamW + schedule as elsewhere (a DeepSpeed
-  client optimizer), so all backends follow one trajectory; DeepSpeed's optimizer state is its own
-  partitioned format (resumable with the same backend and world size only).
+  client optimizer); DeepSpeed's optimizer state is its own partitioned format (resumable with the same
+  backend and world size only).
+
+Every backend trains the same numbers: fp32 bridge weights, gradients (reduced in fp32) and AdamW state,
+bf16 compute by the model's own autocast (TelepathyModel.encode). DeepSpeed therefore runs an fp32 engine
+(its bf16 mode would keep bf16 weights with fp32 masters, another trajectory), and FSDP2 needs no
+MixedPrecisionPolicy (it all-gathers the fp32 bridge shards; the bridge is small next to the frozen models).
+ZeRO-3 runs with memory_efficient_linear off: DeepSpeed's replacement for F.linear bypasses autocast.
 """
 
 from __future__ import annotations
@@ -300,8 +306,6 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
     for key, value in fill.items():
         if config.get(key) == "auto":
             config[key] = value
-    if config.get("bf16", {}).get("enabled") == "auto":
-        config["bf16"]["enabled"] = t.bridge_dtype == "bfloat16"
     return config
 
 

@@ -51,10 +51,17 @@ class _Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        x = x + self.cross(self.ln_cross(x), keys, keep)
-        q = self.ln_self(x)
+        x = x + self.cross(_compute(self.ln_cross(x)), keys, keep)
+        q = _compute(self.ln_self(x))  # one cast for the three projections that read it
         x = x + self.self_attn(q, q)
         return x + self.mlp(self.ln_mlp(x))
+
+
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    """`t` in autocast's dtype when autocast is on: under autocast LayerNorm returns fp32, and every Linear
+    that reads it would make (and keep for backward) its own low-precision copy."""
+    device = t.device.type
+    return t.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else t
 
 
 class Bridge(nn.Module):
@@ -84,7 +91,9 @@ class Bridge(nn.Module):
 
     def forward(self, src_states: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         dtype = self.latents.dtype
-        keys = self.input_proj(self.input_norm(src_states.to(dtype)))
+        # The input LayerNorm in fp32 on every device (CUDA's autocast runs LayerNorm in fp32, the CPU's in
+        # the input's dtype): the same numbers, and the same saved fp32 input, everywhere.
+        keys = _compute(self.input_proj(self.input_norm(src_states.float())))  # one tensor feeds every block
         keep = src_mask != 0
         x = self.latents.unsqueeze(0).expand(src_states.size(0), -1, -1)
         for block in self.blocks:

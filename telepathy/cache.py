@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 
 from telepathy.bridge_shape import source_layer
 from telepathy.files import atomic_write_text, sha256_file
-from telepathy.loading import load_model, select_attention
+from telepathy.loading import compute_dtype, load_model, select_attention
 from telepathy.metrics import Progress
 from telepathy.tokenizers import cache_dir
 
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the on-disk layout changes: old entries then simply miss
 SHARD_BYTES = 256 * 1024**2  # a shard is written once it holds this much (one shard per ~32k tokens at d=4096)
 BUILD_TOKENS = 16384  # sender tokens per forward batch while building (padding included)
-DTYPE = torch.bfloat16
 
 
 def cache_root() -> Path:
@@ -108,11 +107,12 @@ class CacheKey:
     n_examples: int
     tokenizer: str = ""  # informational (the ids already fix it)
     max_length: int = 0  # informational (the ids already fix it)
+    dtype: str = "bfloat16"  # the sender's compute dtype, in which the states are stored
 
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,
-            "dtype": str(DTYPE),
+            "dtype": self.dtype,
             "model": self.model,
             "layer": self.layer,
             "dataset": self.dataset,
@@ -133,12 +133,12 @@ class CacheKey:
 
 
 class SenderCache:
-    """Read side of one valid entry: `get(i)` -> (len_i, d) bf16 states of example i; `attach` fills a Batch."""
+    """Read side of one valid entry: `get(i)` -> (len_i, d) states of example i; `attach` fills a Batch."""
 
     def __init__(self, path: Path, manifest: dict):
-
         self.path, self.manifest = path, manifest
         self.hidden = int(manifest["hidden"])
+        self.dtype = getattr(torch, manifest["key"]["dtype"])
         self._starts = [s["first"] for s in manifest["shards"]]
         self._files = [safe_open(str(path / s["file"]), framework="pt") for s in manifest["shards"]]
         self._offsets = [f.get_tensor("offsets").tolist() for f in self._files]
@@ -162,7 +162,7 @@ class SenderCache:
         `sender_ids` dropped. The collator's per-batch padding fixes S; each example's cached length must
         equal its mask's (it does when the key matched: same ids)."""
         mask = batch.sender_mask
-        states = torch.zeros(mask.size(0), mask.size(1), self.hidden, dtype=DTYPE)
+        states = torch.zeros(mask.size(0), mask.size(1), self.hidden, dtype=self.dtype)
         for row, i in enumerate(indices):
             s = self.get(int(i))
             if s.size(0) != int(mask[row].sum()):
@@ -240,7 +240,7 @@ def _write_shard(tmp: Path, number: int, first: int, parts: list[torch.Tensor], 
 
     lengths = [p.size(0) for p in parts]
     offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
-    states = torch.cat(parts) if parts else torch.zeros(0, hidden, dtype=DTYPE)
+    states = torch.cat(parts) if parts else torch.zeros(0, hidden)
     name = f"shard-{number:05d}.safetensors"
     save_file({"states": states.contiguous(), "offsets": offsets}, str(tmp / name))
     f = tmp / name
@@ -260,13 +260,14 @@ def _write_entry(tmp: Path, key: CacheKey, states: Iterator[tuple[int, torch.Ten
     """Shards of consecutive examples (states must arrive in index order 0..n-1), manifest last."""
     tmp.mkdir(parents=True)
     shards, parts, first, expect, hidden = [], [], 0, 0, 0
+    dtype = getattr(torch, key.dtype)
     for index, s in states:
         if index != expect:
             raise ValueError(f"states arrived out of order ({index} after {expect - 1})")
         hidden = s.size(-1)
-        parts.append(s.to("cpu", DTYPE))
+        parts.append(s.to("cpu", dtype))
         expect += 1
-        if sum(p.numel() for p in parts) * 2 >= SHARD_BYTES:
+        if sum(p.numel() * p.element_size() for p in parts) >= SHARD_BYTES:
             shards.append(_write_shard(tmp, len(shards), first, parts, hidden))
             parts, first = [], expect
     if parts or not shards:
@@ -344,7 +345,7 @@ def sender_states(
                 mask[r, : len(sender_ids[i])] = 1
             with torch.no_grad():
                 h = sender(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-            h = h.to("cpu", DTYPE)
+            h = h.to("cpu")
             for r, i in enumerate(batch):
                 out[i] = h[r, : len(sender_ids[i])].clone()
             done += len(batch)
@@ -368,6 +369,7 @@ def sender_cache_for(
     built here (truncated sender loaded only then) if no valid entry exists."""
 
     tap = source_layer(cfg.bridge, pair.sender)
+    dtype, _ = compute_dtype(device, cfg.train.precision)
     key = CacheKey(
         model=model_identity(pair.sender),
         layer=tap,
@@ -376,11 +378,13 @@ def sender_cache_for(
         n_examples=len(sender_ids),
         tokenizer=type(sender_tok).__name__ + ":" + str(pair.sender.tokenizer or pair.sender.source),
         max_length=cfg.data.max_length,
+        dtype=str(dtype).removeprefix("torch."),
     )
 
     def compute() -> Iterator[tuple[int, torch.Tensor]]:
         body = load_model(
             pair.sender,
+            dtype=dtype,
             device=device,
             attn_implementation=select_attention(torch.device(device), cfg.train.attention)[0],
             num_layers=tap,

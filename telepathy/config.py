@@ -19,7 +19,9 @@ from telepathy.rundir import RunDir
 BACKENDS = ("ddp", "fsdp", "deepspeed")
 # "auto": FlashAttention-2 where its extension works on the run's GPU, else PyTorch SDPA (loading.py).
 ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
-BRIDGE_DTYPES = ("bfloat16", "float32")
+# Compute precision: frozen models and the bridge's forward/backward (the bridge's master weights, gradients
+# and AdamW state are always fp32). "auto": bf16 where the hardware runs it natively, else fp32.
+PRECISIONS = ("auto", "bf16", "fp32")
 # Evaluation methods besides the bridge itself (telepathy/evaluate.py).
 BASELINES = ("receiver", "sender", "text_relay")
 
@@ -65,7 +67,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # receiver layers, for long receiver sequences
     sender_cache: bool = False  # read tapped-layer states from the shared sender cache
     zero_stage: int = 2  # DeepSpeed only: 2 or 3
-    bridge_dtype: str = "bfloat16"  # bridge params, grads and AdamW states: bfloat16 (as the original) or float32
+    precision: str = "auto"  # compute dtype (one of PRECISIONS); the bridge trains fp32 master weights under autocast
     attention: str = "auto"  # frozen models' attention kernel (one of ATTENTIONS)
 
 
@@ -106,8 +108,8 @@ class RunConfig:
         for k in ("steps", "micro_batch", "grad_accum", "keep_checkpoints", "checkpoint_every", "log_every"):
             if getattr(t, k) < 1:
                 raise UserError(f"train.{k} must be >= 1 (got {getattr(t, k)})")
-        if t.bridge_dtype not in BRIDGE_DTYPES:
-            raise UserError(f"train.bridge_dtype must be one of {', '.join(BRIDGE_DTYPES)} (got {t.bridge_dtype})")
+        if t.precision not in PRECISIONS:
+            raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)} (got {t.precision})")
         if t.attention not in ATTENTIONS:
             raise UserError(f"train.attention must be one of {', '.join(ATTENTIONS)} (got {t.attention})")
         if t.zero_stage not in (2, 3):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import zlib
 
 import psutil
@@ -38,6 +39,7 @@ INIT_STD = 0.02  # transformers' initializer_range default for Llama/Qwen2/Mistr
 _VOCAB_MATRICES = ("embed_tokens.weight", "lm_head.weight")
 _attention_logged = False
 _flash_checked: dict[str, tuple[bool, str]] = {}
+_dtype_chosen: dict[str, tuple[str, str]] = {}
 
 
 def flash_attention_works(device: torch.device) -> tuple[bool, str]:
@@ -96,11 +98,66 @@ def select_attention(device: torch.device, requested: str = "auto") -> tuple[str
     return choice
 
 
-def device_for(local_rank: int | None) -> torch.device:
-    """This process's device: its torchrun GPU, cuda:0 for a single process, or the CPU without CUDA."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank or 0)
+def device_for(local_rank: int | None, world_size: int = 1) -> torch.device:
+    """This process's device: its torchrun GPU, cuda:0 for a single process, Apple's GPU (MPS) for a single
+    process on a Mac, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank or 0)
+    if world_size == 1 and torch.backends.mps.is_available():  # no process group backend runs on MPS
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def compute_dtype(device: torch.device | str, precision: str = "auto") -> tuple[torch.dtype, str]:
+    """The dtype frozen models hold and the bridge computes in (its master weights stay fp32), and why.
+    "auto": bf16 where the hardware runs it natively, fp32 elsewhere (logged once per process)."""
+    device = torch.device(device)
+    if precision == "fp32":
+        return torch.float32, "as configured"
+    if precision == "bf16" or device.type == "meta":
+        return torch.bfloat16, "as configured" if precision == "bf16" else "meta device: what a GPU runs"
+    key = str(device)
+    if key not in _dtype_chosen:
+        _dtype_chosen[key] = _native_bf16(device)
+        log.info("compute dtype on %s: %s (%s)", key, *_dtype_chosen[key])
+    dtype, why = _dtype_chosen[key]
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], why
+
+
+def _native_bf16(device: torch.device) -> tuple[str, str]:
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", f"{torch.cuda.get_device_name(device)} runs bf16 natively"
+        return "fp32", f"{torch.cuda.get_device_name(device)} has no native bf16"
+    if device.type == "mps":
+        try:
+            (
+                torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+                @ torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+            ).cpu()
+            return "bf16", "this Apple GPU runs bf16"
+        except (RuntimeError, TypeError) as e:
+            return "fp32", f"this Apple GPU has no bf16 ({str(e).splitlines()[0][:80]})"
+    return _cpu_bf16()
+
+
+def _cpu_bf16(n: int = 256, slower: float = 4.0) -> tuple[str, str]:
+    """bf16 on this CPU when a bf16 matmul is not much slower than an fp32 one. Without native bf16 (AVX2-only
+    CPUs, AVX-512 without its bf16 extension) PyTorch emulates it: 50-100x slower than fp32."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    a32 = torch.randn(n, n)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = a32.to(dtype)
+        a @ a  # warm up (allocator, kernel selection)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ a
+        times[dtype] = time.perf_counter() - t0
+    ratio = times[torch.bfloat16] / max(times[torch.float32], 1e-9)
+    if ratio <= slower:
+        return "bf16", f"{capability} CPU: a bf16 matmul takes {ratio:.1f}x an fp32 one"
+    return "fp32", f"{capability} CPU without native bf16: a bf16 matmul takes {ratio:.0f}x an fp32 one"
 
 
 def load_device(device: torch.device, backend: str) -> torch.device:
@@ -157,7 +214,8 @@ def seeded_init_(model: nn.Module, seed: int, namespace: str = "") -> None:
                 continue
             g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
             std = p.shape[-1] ** -0.5 if key.endswith(_VOCAB_MATRICES) else INIT_STD
-            p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=g))
+            # rounded to bf16 first: the same weights whatever dtype the model is held in
+            p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=g).bfloat16())
 
 
 def load_model(
@@ -168,8 +226,9 @@ def load_model(
     num_layers: int | None = None,
     seed: int = 0,
     device_map: dict | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ):
-    """A frozen bf16 model in eval mode.
+    """A frozen model in eval mode, in `dtype` (compute_dtype: bf16 where the hardware has it).
 
     Without `num_layers`: the full causal LM. With `num_layers=n`: only the body with its first n decoder
     layers (no LM head, no later layers, final norm replaced by Identity unless n is all layers), whose
@@ -185,12 +244,11 @@ def load_model(
     config = build_hf_config(spec, attn_implementation=attn_implementation, num_layers=num_layers)
     if device.type == "meta":
         with torch.device("meta"):
-            model = cls._from_config(config, dtype=torch.bfloat16)
+            model = cls._from_config(config, dtype=dtype)
     elif spec.weights == "random":
-        with (
-            no_init_weights()
-        ):  # seeded_init_ sets every parameter; HF's own init would be thrown away (2/3 of the time)
-            model = cls._from_config(config, dtype=torch.bfloat16)
+        # seeded_init_ sets every parameter: HF's own init would be thrown away (2/3 of the load time)
+        with no_init_weights():
+            model = cls._from_config(config, dtype=dtype)
         model.tie_weights()  # skipped with the init above: tied LM heads would stay separate matrices
         seeded_init_(model, seed, spec.arch_key)
         model.to(device)
@@ -201,7 +259,7 @@ def load_model(
             hf_config.num_hidden_layers = num_layers
         with _quiet_if(body):  # the skipped later layers / LM head are reported as "unexpected" keys
             model = cls.from_pretrained(
-                spec.source, config=hf_config, dtype=torch.bfloat16, device_map=device_map or {"": str(device)}
+                spec.source, config=hf_config, dtype=dtype, device_map=device_map or {"": str(device)}
             )
     if not body:
         model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)

@@ -158,45 +158,51 @@ def _q(spec: ModelSpec) -> int:
 # -------------------------------------------------------------------------------------- per-moment bytes
 
 
-def _bridge_bytes(st: StepShape) -> int:
-    return FP32 if st.bridge_dtype == "float32" else BF16
+def _c(st: StepShape) -> int:
+    """Bytes per element in the compute dtype: the frozen models' weights and activations, and the
+    bridge's autocast activations."""
+    return BF16 if st.compute_dtype == "bf16" else FP32
+
+
+def _autocast(st: StepShape) -> bool:
+    return st.compute_dtype != "fp32"
 
 
 def _inputs(st: StepShape) -> int:
     """The batch (int64 ids and masks; cached bf16 sender states instead of sender ids), alive through
     the whole step."""
-    sender = BF16 * st.pair.sender.hidden if st.sender_cache else INT64
+    sender = _c(st) * st.pair.sender.hidden if st.sender_cache else INT64
     return st.seq_len * (sender + INT64) + INT64 * (st.primer_len + 2 * st.answer_len)
 
 
-def _attn_saved_per_token(spec: ModelSpec, attention: str, tokens: int) -> float:
+def _attn_saved_per_token(spec: ModelSpec, attention: str, tokens: int, c: int) -> float:
     """Bytes one attention call saves for backward per query token. SDPA with a padding mask: HF repeats
     k and v to every query head (transformers' sdpa_attention_forward), and the kernel saves q, k, v, the
     output, its fp32 log-sum-exp and the boolean mask converted to the compute dtype. FlashAttention-2
     keeps k and v at their kv-head width and needs no mask. Eager saves the fp32 softmax and its bf16 copy."""
     q, kv, heads = _q(spec), _kv(spec), spec.heads
     if attention == "flash_attention_2":
-        return BF16 * (2 * q + 2 * kv) + FP32 * heads
+        return c * (2 * q + 2 * kv) + FP32 * heads
     if attention == "eager":  # repeated q, k, v for the two matmuls; softmax output in fp32 and bf16
-        return BF16 * 3 * q + heads * tokens * (FP32 + BF16)
-    return BF16 * 4 * q + FP32 * heads + BF16 * tokens
+        return c * 3 * q + heads * tokens * (FP32 + c)
+    return c * 4 * q + FP32 * heads + c * tokens
 
 
-def _receiver_layer_saved(spec: ModelSpec, attention: str, tokens: int) -> float:
+def _receiver_layer_saved(spec: ModelSpec, attention: str, tokens: int, c: int) -> float:
     """Bytes one receiver decoder layer saves for backward per sample. The weights are frozen, so no Linear
     saves its input (only the weight gradient would need it); what remains is each RMSNorm's fp32 input,
     the attention kernel's tensors and SwiGLU's gate, silu(gate) and up."""
-    per_token = 2 * FP32 * spec.hidden + _attn_saved_per_token(spec, attention, tokens) + 3 * BF16 * spec.intermediate
+    per_token = 2 * FP32 * spec.hidden + _attn_saved_per_token(spec, attention, tokens, c) + 3 * c * spec.intermediate
     return tokens * per_token
 
 
 def _sender_tokens_bytes(st: StepShape, hidden_tensors: int) -> float:
     """Per sample in the sender's forward, outside a layer's own work: the batch, `hidden_tensors`
-    hidden-size bf16 tensors over the sender tokens, and the (s x s) boolean padding mask, which lives
+    hidden-size tensors over the sender tokens, and the (s x s) boolean padding mask, which lives
     through the whole forward (FlashAttention-2 needs none)."""
     s = st.seq_len
     mask = 0 if st.attention == "flash_attention_2" else s
-    return _inputs(st) + s * (hidden_tensors * BF16 * st.pair.sender.hidden + mask)
+    return _inputs(st) + s * (hidden_tensors * _c(st) * st.pair.sender.hidden + mask)
 
 
 def _sender_layer_peak(st: StepShape) -> float:
@@ -208,39 +214,42 @@ def _sender_layer_peak(st: StepShape) -> float:
     if n == 0:
         return _sender_tokens_bytes(st, 1)
     hidden_tensors = 4 if n >= 2 else 3  # in the first layer the layer input is the embedding output
-    mlp = BF16 * (hidden_tensors * spec.hidden + 3 * spec.intermediate)
-    attn = BF16 * (3 * spec.hidden + 6 * _q(spec) + 2 * _kv(spec))
+    c = _c(st)
+    mlp = c * (hidden_tensors * spec.hidden + 3 * spec.intermediate)
+    attn = c * (3 * spec.hidden + 6 * _q(spec) + 2 * _kv(spec))
     if st.attention == "eager":
-        attn += spec.heads * s * (FP32 + BF16)
+        attn += spec.heads * s * (FP32 + c)
     elif st.attention == "sdpa":
-        attn += BF16 * s
+        attn += c * s
     return _sender_tokens_bytes(st, 0) + s * max(mlp, attn)
 
 
 def _bridge_input_saved(st: StepShape) -> float:
-    """Per sender token: the input LayerNorm's input (new memory unless it is a cached batch tensor already
-    in the bridge's dtype) and the input projection's input (when the widths differ)."""
-    d_s, e = st.pair.sender.hidden, _bridge_bytes(st)
-    norm_input = 0 if st.sender_cache and e == BF16 else e * d_s
-    return norm_input + e * d_s * (d_s != st.pair.receiver.hidden)
+    """Per sender token: the input LayerNorm's fp32 input (under autocast a new fp32 copy; in fp32 the
+    sender's output itself, new memory unless it is a cached batch tensor) and the input projection's input
+    (when the widths differ: the LayerNorm's output in the compute dtype)."""
+    d_s, c = st.pair.sender.hidden, _c(st)
+    norm_input = 0 if st.sender_cache and not _autocast(st) else FP32 * d_s
+    return norm_input + c * d_s * (d_s != st.pair.receiver.hidden)
 
 
 def _bridge_seq_saved(st: StepShape) -> float:
     """Per sample, what the bridge (telepathy/bridge.py) saves over the sender tokens: the input
     LayerNorm's input, the input projection's input (when the widths differ), the keys (one tensor that
-    every block's k and v projections save) and per block the k and v projections' outputs (saved by
-    attention); plus the keep mask and its per-block converted copies (a few bytes)."""
+    every block's k and v projections save, cast once to the compute dtype) and per block the k and v
+    projections' outputs (saved by attention); plus the keep mask and its per-block converted copies."""
     b = st.bridge
-    return st.seq_len * (_bridge_input_saved(st) + _bridge_bytes(st) * st.pair.receiver.hidden * (1 + 2 * b.depth) + 8)
+    return st.seq_len * (_bridge_input_saved(st) + _c(st) * st.pair.receiver.hidden * (1 + 2 * b.depth) + 8)
 
 
 def _latent_block(st: StepShape) -> float:
-    """Per sample, what one bridge block saves over the K latents: the MLP's hidden and GELU output (r
-    widths each) and 14 more widths: three LayerNorm inputs, the cross-attention's q-projection input, q,
-    output and out-projection input, the self-attention's shared projection input, q, k, v, output and
-    out-projection input, and the MLP's input."""
+    """Per sample, what one bridge block saves over the K latents: three LayerNorm inputs in fp32 (the
+    residual stream of fp32 latents), and in the compute dtype the MLP's hidden and GELU output (r widths
+    each) and 11 more widths: the cross-attention's q-projection input, q, output and out-projection input,
+    the self-attention's shared projection input, q, k, v, output and out-projection input, and the
+    MLP's input."""
     b = st.bridge
-    return b.soft_tokens * _bridge_bytes(st) * st.pair.receiver.hidden * (14 + 2 * b.mlp_ratio)
+    return b.soft_tokens * st.pair.receiver.hidden * (3 * FP32 + _c(st) * (11 + 2 * b.mlp_ratio))
 
 
 def _bridge_latent_saved(st: StepShape) -> float:
@@ -255,7 +264,7 @@ def _receiver_saved(st: StepShape) -> float:
     fp32 input and log-softmax's fp32 output over the logit rows."""
     R, t = st.pair.receiver, st.receiver_tokens
     layers = R.layers * (
-        t * BF16 * R.hidden if st.activation_checkpointing else _receiver_layer_saved(R, st.attention, t)
+        t * _c(st) * R.hidden if st.activation_checkpointing else _receiver_layer_saved(R, st.attention, t, _c(st))
     )
     return (
         _bridge_seq_saved(st) + _bridge_latent_saved(st) + layers + t * FP32 * R.hidden + st.logit_rows * FP32 * R.vocab
@@ -267,7 +276,7 @@ def _bridge_backward(st: StepShape) -> dict[str, dict[str, float]]:
     blocks 0..k's k/v outputs and blocks 0..k-1's latent tensors are saved; temporaries are the gradients
     of block k's k and v outputs, plus (below the last block) the keys' gradient summed from the blocks
     after it. Block k = depth-1 holds the most saved tensors, block 0 the most gradients (_fixed)."""
-    b, d, e = st.bridge, st.pair.receiver.hidden, _bridge_bytes(st)
+    b, d, e = st.bridge, st.pair.receiver.hidden, _c(st)
 
     def at(k: int) -> dict[str, float]:
         saved = st.seq_len * (_bridge_input_saved(st) + e * d * (1 + 2 * (k + 1))) + k * _latent_block(st)
@@ -282,11 +291,11 @@ def _per_sample(st: StepShape) -> dict[str, dict[str, float]]:
     moments and receiver_forward matter only under FSDP (see _fsdp_comm); otherwise they lie below the
     moment that follows them."""
     R, d, d_s = st.pair.receiver, st.pair.receiver.hidden, st.pair.sender.hidden
-    e = _bridge_bytes(st)
+    e = _c(st)
     # The sender's output; its caller holds it until the bridge returns (with the cache it is in the batch).
-    states = 0 if st.sender_cache else st.seq_len * BF16 * d_s
+    states = 0 if st.sender_cache else st.seq_len * e * d_s
     bridge = _bridge_seq_saved(st) + _bridge_latent_saved(st)
-    layer = _receiver_layer_saved(R, st.attention, st.receiver_tokens)
+    layer = _receiver_layer_saved(R, st.attention, st.receiver_tokens, e)
     sender = (
         {m: {"activations": _inputs(st)} for m in ("sender_unshard_first", "sender_unshard", "sender")}
         if st.sender_cache
@@ -323,13 +332,13 @@ def _per_sample(st: StepShape) -> dict[str, dict[str, float]]:
         # The last layer's backward, the loss's tensors freed: gradients of three intermediate-size tensors.
         "receiver_layer_backward": {
             "activations": _inputs(st) + _receiver_saved(st) - st.logit_rows * FP32 * R.vocab,
-            "temporaries": st.receiver_tokens * 3 * BF16 * R.intermediate,
+            "temporaries": st.receiver_tokens * 3 * e * R.intermediate,
         },
         # Backward starts with the loss: the gradients of log-softmax's output and input exist together
         # while its output is still saved; the soft tokens' gradient from the diversity term waits.
         "receiver": {
             "activations": _inputs(st) + _receiver_saved(st),
-            "temporaries": st.logit_rows * 2 * FP32 * R.vocab + st.bridge.soft_tokens * d * BF16,
+            "temporaries": st.logit_rows * 2 * FP32 * R.vocab + st.bridge.soft_tokens * d * FP32,
         },
         # The bridge's backward over the sender tokens, in the cross-attention k/v projection of its last
         # block and of its first (see _bridge_backward).
@@ -343,12 +352,13 @@ def _fsdp_units(st: StepShape) -> dict[str, float]:
     each model's remainder (embeddings, final norm, LM head) and the bridge."""
     S, R = st.pair.sender.param_counts(), st.pair.receiver.param_counts()
     n, built = st.tapped_layers, not st.sender_cache
+    c = _c(st)
     return {
-        "sender_layer": BF16 * S["layer"] * built,
-        "receiver_layer": BF16 * R["layer"],
-        "sender_root": BF16 * (S["embed"] + (S["norm"] if n == st.pair.sender.layers else 0)) * built,
-        "receiver_root": BF16 * (R["embed"] + R["norm"] + R["lm_head"]),
-        "bridge": _bridge_bytes(st) * bridge_params(st.pair, st.bridge),
+        "sender_layer": c * S["layer"] * built,
+        "receiver_layer": c * R["layer"],
+        "sender_root": c * (S["embed"] + (S["norm"] if n == st.pair.sender.layers else 0)) * built,
+        "receiver_root": c * (R["embed"] + R["norm"] + R["lm_head"]),
+        "bridge": FP32 * bridge_params(st.pair, st.bridge),  # fp32 master weights (autocast casts per use)
     }
 
 
@@ -398,14 +408,36 @@ def _zero_config(stage: int) -> dict:
         raise UserError(f"cannot read {path} ({e}); restore configs/deepspeed/") from None
 
 
+def _autocast_weights(st: StepShape) -> dict[str, float]:
+    """Bytes of the compute-dtype copies autocast makes of the bridge's Linear weights, per moment: made at
+    each weight's first use in forward, kept (saved for the input gradient) until that layer's backward.
+    Bias copies are freed when autocast exits (addmm saves no bias)."""
+    if not _autocast(st):
+        return {}
+    b, d, r = st.bridge, st.pair.receiver.hidden, st.bridge.mlp_ratio
+    proj = st.pair.sender.hidden * d * (st.pair.sender.hidden != d)
+    block = 2 * 4 * d * d + 2 * r * d * d
+    whole = proj + b.depth * block
+    c = _c(st)
+    receiver = c * whole
+    return {
+        # the last block's cross-attention forward: everything before it, and its own q, k, v
+        "bridge_forward": c * (proj + (b.depth - 1) * block + 3 * d * d),
+        **{m: receiver for m, phase in MOMENTS.items() if phase == "receiver" and not m.startswith("bridge")},
+        # the k/v projections' backward of the last block, and of the first
+        "bridge_backward_last": c * (proj + (b.depth - 1) * block + 2 * d * d),
+        "bridge_backward": c * (proj + 2 * d * d),
+    }
+
+
 def _fixed(st: StepShape) -> dict[str, dict[str, float]]:
     """Batch-independent bytes per GPU at each moment (see _per_sample), by component."""
     frozen = sum(frozen_param_counts(st.pair, st.bridge, st.sender_cache).values())
     p = bridge_params(st.pair, st.bridge)
-    w, e = st.world_size, _bridge_bytes(st)
-    # The bridge trains in train.bridge_dtype: parameters, gradients and both AdamW moments in that dtype;
-    # the fused AdamW (backends.make_optimizer) updates in place, with no temporaries.
-    resident = {"frozen_weights": BF16 * frozen, "bridge_params": e * p, "optimizer": 2 * e * p}
+    w, e = st.world_size, FP32
+    # The bridge trains fp32 master weights: parameters, gradients and both AdamW moments in fp32; the fused
+    # AdamW (backends.make_optimizer) updates in place, with no temporaries. Frozen weights: compute dtype.
+    resident = {"frozen_weights": _c(st) * frozen, "bridge_params": e * p, "optimizer": 2 * e * p}
     grads = backward_grads = e * p
     comm = dict.fromkeys(_fsdp_comm(st), 0.0)
     if st.backend == "ddp" and w > 1:
@@ -426,7 +458,10 @@ def _fixed(st: StepShape) -> dict[str, dict[str, float]]:
         grads = backward_grads = FP32 * p / w + e * min(p, zero.get("reduce_bucket_size", p))
         if st.zero_stage == 3:
             resident["bridge_params"] = e * p / w + e * min(p, zero.get("stage3_prefetch_bucket_size", p))
-    out = {moment: {**resident, "comm_buffers": c} for moment, c in comm.items()}
+    copies = _autocast_weights(st)
+    out = {
+        moment: {**resident, "comm_buffers": c, "activations": copies.get(moment, 0.0)} for moment, c in comm.items()
+    }
     out["bridge_backward"]["gradients"] = backward_grads
     # In the last block's backward, the gradients of the earlier blocks and the input layers are still to come.
     block = p - bridge_params(st.pair, dataclasses.replace(st.bridge, depth=st.bridge.depth - 1))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from telepathy.bridge_shape import source_layer
-from telepathy.config import ATTENTIONS, BRIDGE_DTYPES, BridgeConfig, DataConfig, RunConfig, TrainConfig, check_backend
+from telepathy.config import ATTENTIONS, BridgeConfig, DataConfig, RunConfig, TrainConfig, check_backend
 from telepathy.errors import UserError
 from telepathy.registry import Pair
 
@@ -31,15 +31,15 @@ class StepShape:
     attention: str = "sdpa"  # the kernel the GPU run uses (one of KERNELS)
     activation_checkpointing: bool = False
     answer_only_logits: bool = True  # the LM head runs on answer-predicting positions only (step.py)
-    bridge_dtype: str = TrainConfig.bridge_dtype
+    compute_dtype: str = "bf16"  # frozen weights and the bridge's autocast ("bf16" or "fp32"; "auto" plans as bf16)
     sender_cache: bool = False  # batches carry cached sender states: no sender is built or run
 
     def __post_init__(self) -> None:
         check_backend(self.backend, single_model=self.pair.single, world_size=self.world_size)
         if self.attention not in KERNELS:
             raise UserError(f"unknown attention '{self.attention}'; use one of {', '.join(KERNELS)}")
-        if self.bridge_dtype not in BRIDGE_DTYPES:
-            raise UserError(f"bridge dtype must be one of {', '.join(BRIDGE_DTYPES)} (got {self.bridge_dtype})")
+        if self.compute_dtype not in ("bf16", "fp32"):
+            raise UserError(f"compute dtype must be bf16 or fp32 (got {self.compute_dtype})")
         if self.world_size < 1 or self.seq_len < 1 or self.answer_len < 1 or self.primer_len < 0:
             raise UserError("world size, sequence length and answer length must be >= 1 (primer length >= 0)")
         if self.zero_stage not in (2, 3):
@@ -48,7 +48,8 @@ class StepShape:
 
     @classmethod
     def of(cls, run: RunConfig, pair: Pair, world_size: int, **changes) -> StepShape:
-        """The step `run` trains on `world_size` GPUs (attention "auto" is planned as SDPA)."""
+        """The step `run` trains on `world_size` GPUs (attention "auto" is planned as SDPA, precision "auto" as
+        bf16: what GPUs run)."""
         t = run.train
         fields = dict(
             pair=pair,
@@ -60,7 +61,7 @@ class StepShape:
             zero_stage=t.zero_stage,
             attention="sdpa" if t.attention == "auto" else t.attention,
             activation_checkpointing=t.activation_checkpointing,
-            bridge_dtype=t.bridge_dtype,
+            compute_dtype="fp32" if t.precision == "fp32" else "bf16",
             sender_cache=t.sender_cache,
         )
         return cls(**{**fields, **changes})
@@ -73,7 +74,7 @@ class StepShape:
         train = TrainConfig(
             micro_batch=max(1, micro_batch),
             activation_checkpointing=self.activation_checkpointing,
-            bridge_dtype=self.bridge_dtype,
+            precision=self.compute_dtype,
             sender_cache=self.sender_cache,
             zero_stage=self.zero_stage,
             attention=self.attention,

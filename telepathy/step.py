@@ -19,7 +19,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from telepathy.bridge import Bridge, target_rms_of
 from telepathy.bridge_shape import source_layer
 from telepathy.config import RunConfig
-from telepathy.loading import load_device, load_model, load_tokenizer, select_attention
+from telepathy.loading import compute_dtype, load_device, load_model, load_tokenizer, select_attention
 from telepathy.registry import ModelSpec, Pair
 
 
@@ -102,14 +102,26 @@ class ReceiverWithHead(nn.Module):
 
 class TelepathyModel(nn.Module):
     """Frozen sender body (up to the tap) -> trainable bridge -> frozen receiver. Only the bridge trains.
-    `sender` is None when batches carry cached sender states."""
+    `sender` is None when batches carry cached sender states.
 
-    def __init__(self, sender: nn.Module | None, bridge: Bridge, receiver: ReceiverWithHead, diversity_weight: float):
+    Mixed precision: the bridge keeps fp32 weights (so AdamW's small updates are not rounded away: in bf16
+    an update below |w|/256 vanishes, e.g. every LayerNorm gain near 1.0 at lr 2e-4) and runs under
+    autocast in `compute_dtype`, the dtype the frozen models are held in."""
+
+    def __init__(
+        self,
+        sender: nn.Module | None,
+        bridge: Bridge,
+        receiver: ReceiverWithHead,
+        diversity_weight: float,
+        compute_dtype: torch.dtype = torch.bfloat16,
+    ):
         super().__init__()
         self.sender = sender
         self.bridge = bridge
         self.receiver = receiver
         self.diversity_weight = diversity_weight
+        self.compute_dtype = compute_dtype
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.bridge.parameters())
@@ -145,7 +157,8 @@ class TelepathyModel(nn.Module):
                 states = self.sender(
                     input_ids=batch.sender_ids, attention_mask=batch.sender_mask, use_cache=False
                 ).last_hidden_state
-        return self.bridge(states, batch.sender_mask)
+        with torch.autocast(states.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            return self.bridge(states, batch.sender_mask)
 
     def forward(self, batch: Batch) -> StepOutput:
         soft = self.encode(batch)
@@ -155,10 +168,10 @@ class TelepathyModel(nn.Module):
         return StepOutput(loss=loss, lm_loss=lm_loss.detach(), diversity=diversity.detach())
 
 
-def _shared_body(lm: nn.Module, spec: ModelSpec, num_layers: int, attn: str) -> nn.Module:
+def _shared_body(lm: nn.Module, spec: ModelSpec, num_layers: int, attn: str, dtype: torch.dtype) -> nn.Module:
     """For a single-model pair: a sender body that reuses the receiver's embedding, first layers and rotary
     table instead of a second copy of the weights (Pair.frozen_params counts one copy)."""
-    body = load_model(spec, device="meta", attn_implementation=attn, num_layers=num_layers)
+    body = load_model(spec, device="meta", attn_implementation=attn, num_layers=num_layers, dtype=dtype)
     decoder = lm.model
     body.embed_tokens = decoder.embed_tokens
     body.layers = nn.ModuleList(list(decoder.layers)[:num_layers])
@@ -180,21 +193,23 @@ def build_telepathy_model(cfg: RunConfig, pair: Pair, device: torch.device | str
     """(TelepathyModel, sender_tokenizer, receiver_tokenizer) for a run.
 
     Frozen weights load through loading.py onto `load_device(device, backend)` (this rank's device for
-    DDP, the CPU for sharded backends); the bridge is seeded by train.seed, so every rank starts equal.
+    DDP, the CPU for sharded backends) in the compute dtype of the platform (loading.compute_dtype); the
+    bridge is fp32, seeded by train.seed, so every rank starts equal.
     `meta=True` builds everything at full size on the meta device with no weights and no tokenizers
     (tokenizers are then None): the memory tracer materialises it under fake tensors.
     """
     device = torch.device("meta") if meta else torch.device(device)
     attn, _ = select_attention(device, cfg.train.attention)
     place = device if meta else load_device(device, cfg.backend)
+    dtype, _ = compute_dtype(device, cfg.train.precision)
     tap = source_layer(cfg.bridge, pair.sender)
-    lm = load_model(pair.receiver, device=place, attn_implementation=attn)
+    lm = load_model(pair.receiver, device=place, attn_implementation=attn, dtype=dtype)
     if cfg.train.sender_cache:
         sender = None
     elif pair.single:
-        sender = _shared_body(lm, pair.sender, tap, attn)
+        sender = _shared_body(lm, pair.sender, tap, attn, dtype)
     else:
-        sender = load_model(pair.sender, device=place, attn_implementation=attn, num_layers=tap)
+        sender = load_model(pair.sender, device=place, attn_implementation=attn, num_layers=tap, dtype=dtype)
     if cfg.train.activation_checkpointing:
         _checkpoint_layers(lm)
     target_rms = 1.0 if meta else target_rms_of(lm)
@@ -202,8 +217,7 @@ def build_telepathy_model(cfg: RunConfig, pair: Pair, device: torch.device | str
     with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
         torch.manual_seed(cfg.train.seed)
         bridge = Bridge(cfg.bridge, pair.sender.hidden, pair.receiver.hidden, target_rms)
-    bridge = bridge.to(device=place, dtype=getattr(torch, cfg.train.bridge_dtype))
-    model = TelepathyModel(sender, bridge, ReceiverWithHead(lm), cfg.bridge.diversity_weight)
+    model = TelepathyModel(sender, bridge.to(place), ReceiverWithHead(lm), cfg.bridge.diversity_weight, dtype)
     if meta:
         return model, None, None
     return model, load_tokenizer(pair.sender), load_tokenizer(pair.receiver)

@@ -106,14 +106,21 @@ class TraceResult:
         }
 
 
-def fake_batch(micro_batch: int, seq_len: int, answer_len: int, primer_len: int, cached_width: int | None = None):
+def fake_batch(
+    micro_batch: int,
+    seq_len: int,
+    answer_len: int,
+    primer_len: int,
+    cached_width: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+):
     """A full-length micro-batch (every sender row at seq_len: the padded worst case the planner sizes for);
     with `cached_width`, cached bf16 sender states instead of sender ids. Built inside FakeTensorMode:
     zeros/ones only, fake tensors have no RNG."""
 
     b = micro_batch
     ids = torch.zeros(b, seq_len, dtype=torch.long) if cached_width is None else None
-    states = None if cached_width is None else torch.zeros(b, seq_len, cached_width, dtype=torch.bfloat16)
+    states = None if cached_width is None else torch.zeros(b, seq_len, cached_width, dtype=dtype)
     return Batch(
         sender_ids=ids,
         sender_states=states,
@@ -267,6 +274,7 @@ def trace(shape: StepShape, micro_batch: int, progress: Callable[[str], None] | 
             shape.answer_len,
             shape.primer_len,
             pair.sender.hidden if shape.sender_cache else None,
+            torch.bfloat16 if shape.compute_dtype == "bf16" else torch.float32,
         )
         say("step 1 of 2 (creates AdamW state)")
         _step(wrapped, batch, _PhasePeaks(), lambda _phase: None)

@@ -51,10 +51,13 @@ def test_shapes_scale_and_padding_invariance():
     assert not torch.allclose(bridge(changed, mask)[0], out[0])
 
 
-def test_bf16_bridge_accepts_any_input_dtype():
-    bridge = Bridge(BridgeConfig(soft_tokens=2, depth=1, heads=2), 8, 8, 0.1).to(torch.bfloat16)
-    out = bridge(torch.randn(2, 3, 8), torch.ones(2, 3))
-    assert out.dtype == torch.bfloat16 and out.shape == (2, 2, 8)
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("states", [torch.float32, torch.bfloat16])
+def test_the_fp32_bridge_takes_either_dtype_with_or_without_autocast(states, autocast):
+    bridge = Bridge(BridgeConfig(soft_tokens=2, depth=1, heads=2), 8, 8, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = bridge(torch.randn(2, 3, 8, dtype=states), torch.ones(2, 3))
+    assert out.dtype == torch.float32 and out.shape == (2, 2, 8)  # soft tokens leave the bridge in fp32
 
 
 def test_heads_must_divide_receiver_width():

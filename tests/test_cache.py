@@ -16,13 +16,14 @@ import torch
 from telepathy import cache as C
 from telepathy.config import DataConfig, RunConfig, TrainConfig
 from telepathy.data import Collator, load_task
-from telepathy.loading import load_model
+from telepathy.loading import compute_dtype, load_model
 from telepathy.registry import load_registry
 from telepathy.sampler import StepSampler
 from telepathy.step import build_telepathy_model
 
 REPO = Path(__file__).resolve().parents[1]
 SENDER, RECEIVER, TAP = "tiny-llama", "tiny-mistral", 3
+DTYPE = compute_dtype("cpu")[0]  # what the trainer holds the sender in on this machine
 
 
 def _ids(n: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -33,13 +34,20 @@ def _ids(n: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
 def _key(ids, layer: int = TAP, dataset: str = "t:train") -> C.CacheKey:
     spec = load_registry().get(SENDER)
     return C.CacheKey(
-        model=C.model_identity(spec), layer=layer, dataset=dataset, ids_sha256=C.ids_digest(ids), n_examples=len(ids)
+        model=C.model_identity(spec),
+        layer=layer,
+        dataset=dataset,
+        ids_sha256=C.ids_digest(ids),
+        n_examples=len(ids),
+        dtype=str(DTYPE).removeprefix("torch."),
     )
 
 
 @pytest.fixture(scope="module")
 def body():
-    return load_model(load_registry().get(SENDER), device="cpu", attn_implementation="sdpa", num_layers=TAP)
+    return load_model(
+        load_registry().get(SENDER), device="cpu", attn_implementation="sdpa", num_layers=TAP, dtype=DTYPE
+    )
 
 
 def _train(model, batches, steps: int, sgd: bool = False) -> tuple[list[float], list[torch.Tensor]]:
@@ -58,10 +66,10 @@ def _train(model, batches, steps: int, sgd: bool = False) -> tuple[list[float], 
 
 def test_cached_training_matches_live_sender(tmp_path):
     """The real path: demo task, Collator, length-grouped sampler, build_telepathy_model with and without
-    train.sender_cache, float32 bridge. Cached states are the sender's own bf16 output; the live sender runs
-    each batch at a different padded width than the build did, and bf16 attention over a different number
-    of (masked) keys rounds differently, so states agree to ~1 bf16 ulp, not bit for bit. Hence a tolerance
-    here, and plain SGD (AdamW normalises away gradient size, so ulp-level gradient noise on near-zero
+    train.sender_cache, fp32 compute. Cached states are the sender's own output; the live sender runs each
+    batch at a different padded width than the build did, and attention over a different number of (masked)
+    keys rounds differently, so states agree to ~1 ulp, not bit for bit. Hence a tolerance here, and plain SGD
+    (AdamW normalises away gradient size, so ulp-level gradient noise on near-zero
     gradients becomes lr-sized weight differences); test_cached_training_bit_identical_without_padding
     shows the equality is exact, with AdamW, when padding does not differ."""
     cfg = RunConfig(
@@ -69,7 +77,7 @@ def test_cached_training_matches_live_sender(tmp_path):
         receiver=RECEIVER,
         run_dir=str(tmp_path),
         data=DataConfig(task="demo", train_samples=48),
-        train=TrainConfig(bridge_dtype="float32", seed=1),
+        train=TrainConfig(seed=1, precision="fp32"),
     )
     pair = load_registry().pair(sender=SENDER, receiver=RECEIVER)
     live, s_tok, r_tok = build_telepathy_model(cfg, pair, "cpu")
@@ -85,8 +93,8 @@ def test_cached_training_matches_live_sender(tmp_path):
     index_batches = [sampler.next_step()[0] for _ in range(4)]
     live_batches = [collator([task.train[i] for i in idx]) for idx in index_batches]
     cached_batches = [cache.attach(collator([task.train[i] for i in idx]), idx) for idx in index_batches]
-    assert all(b.sender_ids is None and b.sender_states.dtype == torch.bfloat16 for b in cached_batches)
-    with torch.no_grad():  # the states themselves: ~1 bf16 ulp at most, zero on padding
+    assert all(b.sender_ids is None and b.sender_states.dtype == torch.float32 for b in cached_batches)
+    with torch.no_grad():  # the states themselves: ~1 ulp at most, zero on padding
         for lb, cb in zip(live_batches, cached_batches):
             h = live.sender(input_ids=lb.sender_ids, attention_mask=lb.sender_mask, use_cache=False).last_hidden_state
             m = lb.sender_mask.bool()
@@ -107,7 +115,7 @@ def test_cached_training_matches_live_sender(tmp_path):
 def test_cached_training_bit_identical_without_padding(tmp_path, body):
     """Equal-length examples: no padding anywhere, so cached and live sender states are the same bits
     (built in batches of 3, trained in batches of 4) and the trained bridges are identical."""
-    cfg = RunConfig(sender=SENDER, receiver=RECEIVER, run_dir=str(tmp_path), train=TrainConfig(bridge_dtype="float32"))
+    cfg = RunConfig(sender=SENDER, receiver=RECEIVER, run_dir=str(tmp_path), train=TrainConfig())
     pair = load_registry().pair(sender=SENDER, receiver=RECEIVER)
     live, _, _ = build_telepathy_model(cfg, pair, "cpu")
     cached, _, _ = build_telepathy_model(cfg.replace(train={"sender_cache": True}), pair, "cpu")
@@ -175,7 +183,7 @@ _BUILDER = textwrap.dedent("""
     import json, sys, time, torch
     from pathlib import Path
     from telepathy import cache as C
-    from telepathy.loading import load_model
+    from telepathy.loading import compute_dtype, load_model
     from telepathy.registry import load_registry
     spec = load_registry().get("tiny-llama")
     g = torch.Generator().manual_seed(0)

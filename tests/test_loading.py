@@ -224,3 +224,35 @@ def test_generation_config_is_greedy_with_explicit_ids():
 def test_memory_report_on_cpu():
     report = memory_report(torch.device("cpu"))
     assert set(report) == {"rss_gib"} and 0.01 < report["rss_gib"] < 64
+
+
+def test_compute_dtype_is_chosen_per_platform(monkeypatch):
+    monkeypatch.setattr(loading, "_dtype_chosen", {})
+    assert loading.compute_dtype("cpu", "fp32")[0] == torch.float32
+    assert loading.compute_dtype("cpu", "bf16")[0] == torch.bfloat16
+    assert loading.compute_dtype("meta")[0] == torch.bfloat16  # the tracer follows what GPUs run
+    # auto on a CPU: bf16 only when a bf16 matmul is about as fast as an fp32 one
+    assert loading._cpu_bf16(slower=1e9)[0] == "bf16" and loading._cpu_bf16(slower=0.0)[0] == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    assert loading._native_bf16(torch.device("cuda", 0)) == ("fp32", "Tesla V100 has no native bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert loading._native_bf16(torch.device("cuda", 0))[0] == "bf16"
+
+
+def test_a_cpu_without_native_bf16_computes_in_fp32():
+    """oneDNN capped at AVX2 (as on an AVX2-only CPU): bf16 matmuls are emulated and dozens of times slower."""
+    import subprocess
+    import sys
+
+    code = "from telepathy.loading import compute_dtype; d, why = compute_dtype('cpu'); print(d, '|', why)"
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.startswith("torch.float32 | AVX2 CPU without native bf16"), out
+
+
+def test_a_single_process_on_a_mac_uses_the_apple_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert loading.device_for(None) == torch.device("mps")
+    assert loading.device_for(0, world_size=2) == torch.device("cpu")  # no process-group backend runs on MPS

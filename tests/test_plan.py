@@ -89,9 +89,9 @@ def test_row_not_used_for_longer_sequences_or_other_backends():
 
 def test_row_that_does_not_fit_is_flagged():
     pair = REG.pair("llama8b-mistral7b")
-    small = load_profile("dgx-h100", {"gpu_memory_gb": "40"}, environ={})
+    small = load_profile("dgx-h100", {"gpu_memory_gb": "48"}, environ={})
     rows = [
-        r.__class__(**{**r.__dict__, "gpu_memory_gb": 40, "micro_batch": 400, "grad_accum": 1, "effective_batch": 400})
+        r.__class__(**{**r.__dict__, "gpu_memory_gb": 48, "micro_batch": 400, "grad_accum": 1, "effective_batch": 400})
         for r in load_table()
         if r.sender == "llama8b" and r.receiver == "mistral7b"
     ]

@@ -43,7 +43,9 @@ def _straightforward_loss(cfg, model, full_sender, batch: Batch, pad_to: int) ->
     mask = F.pad(batch.sender_mask, (0, pad_to - s), value=0)
     with torch.no_grad():
         states = full_sender(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    soft = model.bridge(states[source_layer(cfg.bridge, REG.get(cfg.sender))], mask)
+    autocast = model.compute_dtype != torch.float32
+    with torch.autocast("cpu", dtype=model.compute_dtype, enabled=autocast):
+        soft = model.bridge(states[source_layer(cfg.bridge, REG.get(cfg.sender))], mask)
     lm = model.receiver.lm
     emb = lm.get_input_embeddings()
     prefix = torch.cat([emb(batch.primer_ids), soft.to(emb.weight.dtype)], 1)
@@ -60,10 +62,10 @@ def test_fast_path_equals_straightforward_step(built, dtype, tol):
     from telepathy.loading import load_model
 
     cfg, model, collate, task = built
-    full = load_model(REG.get(cfg.sender), device="cpu", attn_implementation="sdpa")
-    if dtype == torch.float32:  # fresh copies: casting bf16 -> fp32 -> bf16 would round the rotary tables
-        model, _, _ = build_telepathy_model(cfg, REG.pair("tiny-llama-tiny-qwen"), "cpu")
-        model, full = model.float(), full.float()
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    cfg = cfg.replace(train={"precision": precision})
+    full = load_model(REG.get(cfg.sender), device="cpu", attn_implementation="sdpa", dtype=dtype)
+    model, _, _ = build_telepathy_model(cfg, REG.pair("tiny-llama-tiny-qwen"), "cpu")
     batch = collate(task.train[:6])
     assert batch.sender_ids.size(1) < cfg.data.max_length  # per-batch padding is in play
     fast = model(batch).lm_loss
@@ -77,7 +79,7 @@ def test_truncated_sender_equals_hidden_state_at_tap(built):
 
     cfg, model, collate, task = built
     batch = collate(task.train[:3])
-    full = load_model(REG.get(cfg.sender), device="cpu", attn_implementation="sdpa")
+    full = load_model(REG.get(cfg.sender), device="cpu", attn_implementation="sdpa", dtype=model.compute_dtype)
     want = full(input_ids=batch.sender_ids, attention_mask=batch.sender_mask, output_hidden_states=True).hidden_states
     got = model.sender(input_ids=batch.sender_ids, attention_mask=batch.sender_mask).last_hidden_state
     tap = source_layer(cfg.bridge, REG.get(cfg.sender))
@@ -174,7 +176,8 @@ def test_meta_build_is_full_size_and_weightless():
     sender = sum(p.numel() for p in model.sender.parameters())
     assert sender == counts["embed"] + counts["layer"] * (pair.sender.layers - 1)
     assert sum(p.numel() for p in model.receiver.parameters()) == pair.receiver.n_params
-    assert model.bridge.latents.dtype == torch.bfloat16
+    # frozen models in the compute dtype (bf16: what GPUs run), the bridge's master weights in fp32
+    assert model.receiver.lm.lm_head.weight.dtype == torch.bfloat16 and model.bridge.latents.dtype == torch.float32
 
 
 def test_source_layer_bounds():
@@ -185,3 +188,29 @@ def test_source_layer_bounds():
     assert source_layer(BridgeConfig(source_layer=2), spec) == 2
     with pytest.raises(UserError, match="source_layer"):
         source_layer(BridgeConfig(source_layer=spec.layers + 1), spec)
+
+
+def test_mixed_precision_moves_weights_that_bf16_would_freeze(built):
+    """AdamW at lr 2e-4 changes a weight by ~2e-4 per step; in bf16 a weight near 1.0 has a spacing of 2^-7,
+    so such updates round away (LayerNorm gains, output_scale). With fp32 master weights they accumulate."""
+    from telepathy.backends import Wrapped
+
+    cfg, model, collate, task = built
+    cfg = cfg.replace(train={"lr": 2e-4, "warmup_steps": 0, "weight_decay": 0.01, "precision": "bf16"})
+    fresh, _, _ = build_telepathy_model(cfg, REG.pair("tiny-llama-tiny-qwen"), "cpu")
+    assert fresh.compute_dtype == torch.bfloat16 and fresh.bridge.latents.dtype == torch.float32
+    gains = {
+        n: p.detach().clone()
+        for n, p in fresh.bridge.named_parameters()
+        if n.endswith(("ln_cross.weight", "output_scale"))
+    }
+    assert all(torch.all(g == 1.0) for n, g in gains.items() if n.endswith("weight"))
+    wrapped = Wrapped(fresh.train(), cfg)
+    for step in range(5):
+        wrapped.micro_step(collate(task.train[4 * step : 4 * step + 4]), last=True)
+        wrapped.optimizer_step()
+    after = dict(fresh.bridge.named_parameters())
+    assert all(not torch.equal(after[n], g) for n, g in gains.items()), "fp32 master weights moved"
+    # the same updates applied to bf16 copies of the gains are rounded away
+    bf16 = {n: g.bfloat16() for n, g in gains.items() if n.endswith("weight")}
+    assert all(torch.equal((g + (after[n] - gains[n]).bfloat16()).float(), g.float()) for n, g in bf16.items())

@@ -60,6 +60,11 @@ CASES = [  # (id, pair, step shape + micro_batch): sender/receiver families, bac
         dict(backend="fsdp", world_size=4, micro_batch=24, seq_len=1024),
     ),
     ("llama3b-single-ddp-b48", pair("llama3b", 3), dict(micro_batch=48, seq_len=384)),
+    (
+        "fp32-qwen3b>mistral7b-ddp-b16",
+        pair("qwen3b-mistral7b", 2),
+        dict(micro_batch=16, seq_len=512, compute_dtype="fp32"),
+    ),
     ("cached-llama8b>qwen7b-ddp-b32", pair("llama8b-qwen7b", 2), dict(micro_batch=32, seq_len=1536, sender_cache=True)),
     (
         "cached-llama8b>qwen7b-fsdp4-b32",
@@ -95,9 +100,9 @@ def test_trace_is_the_real_step_with_progress():
     ]
     assert set(r.phases) == {"sender", "receiver", "bridge_backward", "optimizer"}
     assert r.peak_gib == pytest.approx(max(sum(c.values()) for c in r.phases.values()))
-    # AdamW state traced in the second step: two bf16 moments per bridge parameter
+    # AdamW state traced in the second step: two fp32 moments per bridge parameter
     assert r.components["optimizer"] == pytest.approx(
-        2 * 2 * memory.bridge_params(p, BridgeConfig()) / memory.GIB, rel=1e-3
+        2 * 4 * memory.bridge_params(p, BridgeConfig()) / memory.GIB, rel=1e-3
     )
 
 

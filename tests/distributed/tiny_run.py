@@ -29,7 +29,6 @@ def tiny_config(run_dir: Path, backend: str = "ddp", **train) -> RunConfig:
         "warmup_steps": 1,
         "checkpoint_every": 100,
         "log_every": 1,
-        "bridge_dtype": "float32",
         "seed": 3,
     }
     settings.update(train)

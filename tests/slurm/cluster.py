@@ -29,7 +29,6 @@ def tiny_run(run_dir: Path, *, name: str | None = None, **train) -> RunConfig:
         "warmup_steps": 1,
         "checkpoint_every": 100,
         "log_every": 1,
-        "bridge_dtype": "float32",
         "seed": 3,
     }
     settings.update(train)
