@@ -19,3 +19,4 @@ def launch(tmp_path):
         return subprocess.run(LAUNCH + list(args), capture_output=True, text=True, cwd=REPO, env=e, timeout=timeout)
 
     return _run
+
