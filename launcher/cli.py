@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from telepathy.errors import UserError
 
@@ -22,6 +23,7 @@ COMMANDS = {
     "cancel": "launcher.cmd_jobs",
     "resubmit": "launcher.cmd_jobs",
     "report": "launcher.cmd_report",
+    "prefetch": "launcher.cmd_prefetch",
 }
 
 
@@ -44,10 +46,13 @@ main options (all: `launch run --help`)
 
 subcommands
   models                      the model registry's aliases
+  prefetch --pair P --task T  download what runs read from the Hugging Face Hub (login node); --check: offline
   memory --pair P             per-GPU memory of a step and the micro-batch that fits (--trace, --measure)
   status | logs | cancel | resubmit RUN_OR_SWEEP     submitted runs and sweeps
   report RUN_OR_SWEEP         tables and plots
 
+--config-dir DIR (or TELEPATHY_CONFIG_DIR): your own cluster profiles, tasks, recipes, models and measured
+memory-table rows, layered over the shipped ones (default ~/.config/telepathy).
 Every command that shows something takes --json (stable schema). Bad input: one line, exit code 2.
 """
 
@@ -66,8 +71,31 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _config_dir(argv: list[str]) -> list[str]:
+    """`--config-dir DIR` anywhere on the line: the user's configuration folder for every subcommand (it
+    becomes TELEPATHY_CONFIG_DIR, which the job scripts and the workers see too)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config-dir" or arg.startswith("--config-dir="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not value:
+                raise UserError("--config-dir needs a folder; see `launch --help`")
+            os.environ["TELEPATHY_CONFIG_DIR"] = str(Path(value).expanduser().absolute())
+            i += 1 if "=" in arg else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _config_dir(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return UserError.exit_code
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0

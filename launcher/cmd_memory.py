@@ -21,7 +21,7 @@ from typing import Any
 from launcher.flags import add_layout_flags, add_model_flags, add_run_flags, request_from_args
 from launcher.plan import DEFAULT_GLOBAL_BATCH, choose_batch, run_config
 from launcher.profiles import load_profile
-from launcher.table import TableRow, find_row, load_table, save_table
+from launcher.table import TableRow, find_row, load_table, load_user_rows, save_user_rows
 from telepathy import memory
 from telepathy.config import BACKENDS
 from telepathy.errors import UserError
@@ -327,7 +327,7 @@ def _measure(req: _Request, *, as_json: bool) -> int:
             row.gpu_memory_gb,
         )
 
-    path = save_table([r for r in rows if not same(r)] + [row])
+    path = save_user_rows([r for r in load_user_rows() if not same(r)] + [row])
     if as_json:
         print(json.dumps({"row": row.to_dict(), "table": str(path)}, indent=2))
     else:

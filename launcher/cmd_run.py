@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launcher import preflight
 from launcher.flags import add_layout_flags, add_model_flags, add_run_flags, request_from_args
 from launcher.plan import Plan, build_plans, torchrun_command
 from launcher.show import plan_table
 from telepathy.errors import UserError
+from telepathy.hub import hub_env
 from telepathy.registry import load_registry
 
 
@@ -79,6 +81,7 @@ def handle(args) -> int:
     plans, sweep_dir = build_plans(request_from_args(args))
     if args.dry_run:
         return show_dry_run(plans, sweep_dir, as_json=args.json)
+    preflight.check_plans(plans, cluster=args.cluster)
     if plans[0].mode in ("debug", "local"):
         return run_here(plans[0])
     from launcher import slurm, submit  # noqa: PLC0415  (submitit only when submitting)
@@ -138,6 +141,7 @@ def run_here(plan: Plan) -> int:
         )
     plan.write()
     print(f"run folder: {run_dir}", flush=True)
+    os.environ.update(hub_env(plan.profile))  # before huggingface_hub reads it (at import); torchrun inherits it
     if plan.mode == "debug":
         from telepathy.train import run  # noqa: PLC0415  (torch only when training)
 

@@ -227,14 +227,16 @@ def make_plan(
 
 
 @functools.lru_cache(maxsize=64)
-def task_max_length(task: str) -> int:
+def task_defaults(task: str) -> dict[str, int]:
     """Fail at planning, not on a compute node: the task must exist. Its spec's usual sender length
-    (e.g. AG News 256) is the default --max-length; data files use DataConfig's."""
+    (e.g. AG News 256) and answer length (Banking77's long intent names) are the defaults; data files use
+    DataConfig's."""
     if task.endswith((".jsonl", ".csv")):
         if not Path(task).is_file():
             raise UserError(f"task file {task} not found; pass an existing .jsonl/.csv file or a task name")
-        return DataConfig.max_length
-    return load_spec(task).max_length or DataConfig.max_length
+        return {}
+    spec = load_spec(task)
+    return {k: v for k, v in (("max_length", spec.max_length), ("answer_length", spec.answer_length)) if v}
 
 
 def run_config(
@@ -255,9 +257,8 @@ def run_config(
         backend=request.backend,
         name=name,
     ).replace(**sections)
-    if "max_length" not in sections.get("data", {}):
-        cfg = cfg.replace(data={"max_length": task_max_length(cfg.data.task)})
-    return cfg
+    defaults = {k: v for k, v in task_defaults(cfg.data.task).items() if k not in sections.get("data", {})}
+    return cfg.replace(data=defaults) if defaults else cfg
 
 
 def build_plans(request: LaunchRequest) -> tuple[list[Plan], Path | None]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from telepathy.errors import UserError
-from telepathy.paths import configs_dir, read_yaml
+from telepathy.paths import config_file, config_names, read_yaml
 
 DEFAULT_PROFILE = "dgx-h100"
 
@@ -34,6 +34,9 @@ class ClusterProfile:
     signal_delay_s: int = 120
     max_requeues: int = 5
     hf_home: str | None = None
+    # Compute nodes cannot reach the Hub: jobs read only the cache (HF_HUB_OFFLINE=1), and the launcher checks
+    # before submitting that everything a run reads is in it (fill it with `launch prefetch` on a login node).
+    offline: bool = True
     device: str = "cuda"  # "cpu" for the local test cluster (gloo)
     setup: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
@@ -62,9 +65,20 @@ class ClusterProfile:
         return cls(**{**d, "setup": tuple(d.get("setup") or ()), "env": dict(d.get("env") or {})})
 
 
+def boolean(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
 # Fields a flag or environment variable may set, with their parsers.
 def _parser(f: dataclasses.Field):
     t = str(f.type)
+    if t.startswith("bool"):
+        return boolean
     if t.startswith("int"):
         return int
     if t.startswith("float"):
@@ -92,7 +106,7 @@ def add_profile_flags(parser) -> None:
 
 
 def profile_names() -> list[str]:
-    return sorted(p.stem for p in (configs_dir() / "clusters").glob("*.yaml"))
+    return config_names("clusters")
 
 
 def load_profile(
@@ -100,7 +114,7 @@ def load_profile(
 ) -> ClusterProfile:
     environ = os.environ if environ is None else environ
     name = name or environ.get("TELEPATHY_CLUSTER") or DEFAULT_PROFILE
-    path = Path(name) if name.endswith((".yaml", ".yml")) else configs_dir() / "clusters" / f"{name}.yaml"
+    path = Path(name) if name.endswith((".yaml", ".yml")) else config_file(f"clusters/{name}.yaml")
     if not path.is_file():
         raise UserError(f"cluster profile '{name}' not found ({path}); available: {', '.join(profile_names())}")
     raw = read_yaml(path, "cluster profile", "check the path")

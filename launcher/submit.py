@@ -30,11 +30,13 @@ from launcher import slurm
 from launcher.jobs import JobRecord
 from launcher.plan import Plan
 from telepathy.errors import UserError
-from telepathy.paths import REPO_ROOT, configs_dir
+from telepathy.hub import hub_env
+from telepathy.paths import REPO_ROOT, configs_dir, user_config_dir
 from telepathy.rundir import RunDir
 from telepathy.secrets import is_secret_name
 
 CODE_PACKAGES = ("launcher", "telepathy")
+USER_CONFIGS = "user-configs"  # the user's configuration folder, as it was at submission
 # #SBATCH lines end at a newline, SLURM expands % in paths, and sbatch drops backslashes even in quotes
 _UNSAFE_IN_SCRIPT = re.compile(r"[\x00-\x1f\x7f%\\]")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -102,9 +104,9 @@ def job_env(plan: Plan, code_dir: Path) -> dict[str, str]:
         "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
         "OMP_NUM_THREADS": str(prof.cpus_per_gpu),
         "TELEPATHY_CONFIGS": str(code_dir / "configs"),
+        "TELEPATHY_CONFIG_DIR": str(code_dir / USER_CONFIGS),
+        **hub_env(prof),
     }
-    if prof.hf_home:
-        env["HF_HOME"] = prof.hf_home
     for key, value in prof.env.items():
         if not _ENV_NAME.match(str(key)):
             raise UserError(f"cluster profile '{prof.name}': env name {key!r} is not a valid variable name")
@@ -225,6 +227,10 @@ def snapshot_code(dest: Path) -> Path:
     for pkg in CODE_PACKAGES:
         shutil.copytree(REPO_ROOT / pkg, tmp / pkg, ignore=ignore)
     shutil.copytree(configs_dir(), tmp / "configs", ignore=ignore)
+    if user_config_dir().is_dir():
+        shutil.copytree(user_config_dir(), tmp / USER_CONFIGS, ignore=ignore)
+    else:
+        (tmp / USER_CONFIGS).mkdir()
     record_code_version(REPO_ROOT, tmp)
     tmp.rename(dest)
     return dest

@@ -11,8 +11,10 @@ import yaml
 
 from telepathy.errors import UserError
 from telepathy.files import atomic_write_text
-from telepathy.paths import configs_dir, read_yaml
+from telepathy.paths import configs_dir, read_yaml, user_config_dir
 from telepathy.registry import Pair
+
+TABLE = "memory_table.yaml"
 
 
 @dataclass(frozen=True)
@@ -43,21 +45,21 @@ class TableRow:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "receiver"}
 
 
-def table_path() -> Path:
-    return configs_dir() / "memory_table.yaml"
+def user_table_path() -> Path:
+    """Where measured rows go: the user's configuration folder (never the installed package)."""
+    return user_config_dir() / TABLE
 
 
-def load_table(path: Path | None = None) -> list[TableRow]:
-    path = path or table_path()
-    raw = read_yaml(path, "memory table", "restore configs/memory_table.yaml")
+def _rows(path: Path) -> list[TableRow]:
+    raw = read_yaml(path, "memory table", "restore the file or remove it")
     if not isinstance(raw, dict) or not isinstance(raw.get("rows"), list):
-        raise UserError(f"memory table {path} needs a top-level 'rows' list; see the comment at its top")
+        raise UserError(f"memory table {path} needs a top-level 'rows' list; see the shipped one's header comment")
     rows = []
     for i, r in enumerate(raw["rows"], 1):
         try:
             row = TableRow(**r)
             bad = [k for k in ("micro_batch", "grad_accum", "effective_batch", "seq_len") if int(getattr(row, k)) < 1]
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise UserError(f"memory table {path}, row {i}: {e}; fix the row") from None
         if bad:
             raise UserError(f"memory table {path}, row {i}: {', '.join(bad)} must be >= 1; fix the row")
@@ -70,6 +72,19 @@ def load_table(path: Path | None = None) -> list[TableRow]:
     return rows
 
 
+def load_table(path: Path | None = None) -> list[TableRow]:
+    """The shipped rows and the user's (measured rows win in find_row); or one file's rows."""
+    if path is not None:
+        return _rows(path)
+    shipped = configs_dir() / TABLE  # must exist (a broken install); the user's layer is optional
+    return _rows(shipped) + (load_user_rows() if user_table_path() != shipped else [])
+
+
+def load_user_rows() -> list[TableRow]:
+    path = user_table_path()
+    return _rows(path) if path.is_file() else []
+
+
 def find_row(rows: list[TableRow], pair: Pair, *, seq_len: int, backend: str, gpu_memory_gb: float) -> TableRow | None:
     """The matching row with the smallest sequence length (the tightest that still covers the request);
     measured rows win over seed rows."""
@@ -78,13 +93,13 @@ def find_row(rows: list[TableRow], pair: Pair, *, seq_len: int, backend: str, gp
     return hits[0] if hits else None
 
 
-def save_table(rows: list[TableRow], path: Path | None = None) -> Path:
-    """Rewrite the table atomically (header comment kept); returns its path."""
-    path = path or table_path()
+def save_user_rows(rows: list[TableRow]) -> Path:
+    """Rewrite the user's table atomically (its header comment kept); returns its path."""
+    path = user_table_path()
     header = (
         "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
         if path.exists()
-        else ""
+        else "# Measured rows (launch memory --measure), layered over the shipped memory table.\n"
     )
     body = yaml.safe_dump({"rows": [r.to_dict() for r in rows]}, sort_keys=False, width=200)
     atomic_write_text(path, header + body)

@@ -50,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from telepathy.config import RunConfig, TrainConfig, check_backend
 from telepathy.errors import UserError
-from telepathy.paths import configs_dir
+from telepathy.paths import config_file
 from telepathy.rundir import StepDir
 from telepathy.step import Batch, StepOutput, TelepathyModel
 
@@ -295,7 +295,7 @@ def import_deepspeed():
 
 def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
     """configs/deepspeed/zero{stage}.json with its "auto" fields filled in from the run config."""
-    path = configs_dir() / "deepspeed" / f"zero{cfg.train.zero_stage}.json"
+    path = config_file(f"deepspeed/zero{cfg.train.zero_stage}.json")
     config = json.loads(path.read_text())
     t = cfg.train
     fill = {

@@ -27,7 +27,7 @@ import yaml
 
 from telepathy.config import DataConfig
 from telepathy.errors import UserError
-from telepathy.paths import configs_dir, data_dir
+from telepathy.paths import config_file, config_names
 
 _FILE_SUFFIXES = (".jsonl", ".csv")
 _SUBSET_SEED = 0  # sample limits pick the same examples in every run (comparable evaluations)
@@ -35,8 +35,9 @@ _SUBSET_SEED = 0  # sample limits pick the same examples in every run (comparabl
 
 @dataclass(frozen=True)
 class Example:
-    text: str
+    text: str  # what fills {text} in the sender prompt (cut first when the prompt is too long)
     label: int  # index into TaskSpec.labels
+    extra: dict[str, str] = field(default_factory=dict, hash=False)  # other prompt fields: {question} for BoolQ
 
 
 @dataclass(frozen=True)
@@ -46,19 +47,24 @@ class TaskSpec:
     name: str
     labels: tuple[str, ...]  # label words; an example's label is an index into this
     primer: str  # the receiver's only text: "[primer][K soft tokens][answer]"
-    prompt: str  # the sender's input, with {text}
+    prompt: str  # the sender's input, with {text} (and {name} for each extra field)
     text_field: str = "text"
     label_field: str = "label"
+    extra_fields: dict[str, str] = field(default_factory=dict)  # prompt placeholder -> dataset column
     dataset: str | None = None  # hub dataset id
-    config: str | None = None  # hub dataset config name
-    train_split: str = "train"
-    eval_split: str = "test"
-    files: dict[str, str] = field(default_factory=dict)  # split -> absolute path (local tasks)
+    revision: str = "main"  # branch, tag or commit: "refs/convert/parquet" for repos that keep a loading script
+    hub_files: dict[str, str] = field(default_factory=dict)  # "train"/"eval" -> file pattern in the repo (parquet)
+    files: dict[str, str] = field(default_factory=dict)  # "train"/"eval" -> absolute path (local tasks)
     synonyms: dict[str, tuple[str, ...]] = field(default_factory=dict)  # label word -> also accepted words
     max_length: int | None = None  # the task's usual sender length (the original's), for the launcher
+    answer_length: int | None = None  # receiver answer tokens its longest label needs (with EOS), if above 16
 
-    def sender_text(self, text: str) -> str:
-        return self.prompt.replace("{text}", text)  # not str.format: texts contain braces
+    def sender_text(self, text: str, extra: dict[str, str] | None = None) -> str:
+        """The prompt around one example (str.replace, not str.format: texts contain braces)."""
+        out = self.prompt
+        for name, value in (extra or {}).items():
+            out = out.replace(f"{{{name}}}", value)
+        return out.replace("{text}", text)
 
     def answer_text(self, label: int) -> str:
         """What the receiver is trained to say (the collator appends the EOS token)."""
@@ -88,17 +94,14 @@ class Task:
 
 
 def task_names() -> list[str]:
-    return sorted(p.stem for p in (configs_dir() / "tasks").glob("*.yaml"))
+    return config_names("tasks")
 
 
 def load_spec(task: str) -> TaskSpec:
     """The spec for a task name or a task .yaml path (bare data files get theirs in load_task)."""
     path = Path(task)
-    if path.suffix in (".yaml", ".yml"):
-        base = path.resolve().parent
-    else:
-        path = configs_dir() / "tasks" / f"{task}.yaml"
-        base = data_dir()
+    if path.suffix not in (".yaml", ".yml"):
+        path = config_file(f"tasks/{task}.yaml")
         if not path.is_file():
             raise UserError(
                 f"unknown task '{task}'; use one of {', '.join(task_names())}, "
@@ -117,6 +120,10 @@ def load_spec(task: str) -> TaskSpec:
     if missing or not raw.get("dataset") and not raw.get("files"):
         need = missing or ["dataset or files"]
         raise UserError(f"{path}: missing {', '.join(need)}; see configs/tasks/demo.yaml for the fields")
+    for key in ("hub_files", "files"):
+        if raw.get("dataset" if key == "hub_files" else "files") and set(raw.get(key) or {}) != {"train", "eval"}:
+            got = sorted(raw.get(key) or {})
+            raise UserError(f"{path}: {key} needs exactly a 'train' and an 'eval' entry (got {got})")
     if "{text}" not in raw["prompt"]:
         raise UserError(f"{path}: prompt must contain {{text}} (where the example's text goes)")
     known = {f.name for f in TaskSpec.__dataclass_fields__.values()} - {"name"}
@@ -128,7 +135,9 @@ def load_spec(task: str) -> TaskSpec:
     if any(isinstance(w, bool) for w in raw["labels"]):  # YAML reads yes/no/on/off/true as booleans
         raise UserError(f"{path}: a label parsed as a boolean; quote label words like 'yes' and 'no'")
     raw["labels"] = tuple(str(w) for w in raw["labels"])
+    base = path.resolve().parent  # local files are relative to the spec's folder
     raw["files"] = {split: str((base / f).resolve()) for split, f in (raw.get("files") or {}).items()}
+    raw["revision"] = str(raw.get("revision", "main"))
     raw["synonyms"] = {k: tuple(v) for k, v in (raw.get("synonyms") or {}).items()}
     return TaskSpec(name=path.stem, **raw)
 
@@ -208,24 +217,78 @@ def _read_file(path: Path, spec: TaskSpec) -> list[Example]:
     ]
 
 
-def _read_hub(spec: TaskSpec, split: str) -> list[Example]:
-    try:
-        import datasets  # noqa: PLC0415  (only hub tasks need datasets)
-    except ImportError:
-        raise UserError(f"task '{spec.name}' loads {spec.dataset} from the hub; pip install datasets") from None
-    try:
-        rows = datasets.load_dataset(spec.dataset, spec.config, split=split)
-    except Exception as e:  # noqa: BLE001  network, auth, missing split...: all end with the same advice
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+def _read_hub(spec: TaskSpec) -> tuple[list[Example], list[Example]]:
+    """Both splits of a hub task from its parquet files in the Hugging Face cache (downloaded first unless
+    offline). Columns are checked, and label words against the dataset's own ClassLabel names."""
+    from telepathy.hub import dataset_folder, task_need  # noqa: PLC0415  (huggingface_hub only for hub tasks)
+
+    need = task_need(spec)
+    root = dataset_folder(need)
+    return tuple(_read_parquet(spec, need, s, sorted(root.glob(need.splits[s]))) for s in ("train", "eval"))
+
+
+def _read_parquet(spec: TaskSpec, need, split: str, files: list[Path]) -> list[Example]:
+    import pyarrow.parquet as pq  # noqa: PLC0415  (a dependency of datasets, only for hub tasks)
+
+    where = f"task '{spec.name}', {need.label} split {split}"
+    if not files:
         raise UserError(
-            f"could not load {spec.dataset}{f'/{spec.config}' if spec.config else ''} split '{split}' "
-            f"({first}); check network access and HF_HOME, or pass a local .jsonl/.csv task"
+            f"{where}: no file matches {need.splits[split]!r}; fix hub_files in the task spec or "
+            f"run `launch prefetch --task {spec.name}`"
+        )
+    columns = [spec.text_field, spec.label_field, *spec.extra_fields.values()]
+    try:
+        schema = pq.read_schema(files[0])
+        absent = [c for c in columns if c not in schema.names]
+        if absent:
+            raise UserError(
+                f"{where}: no column {absent[0]!r} (columns: {', '.join(schema.names)}); fix text_field, "
+                "label_field or extra_fields in the task spec"
+            )
+        table = pq.read_table(files, columns=columns)
+    except (OSError, ValueError) as e:  # pyarrow's errors for a damaged or non-parquet file
+        raise UserError(
+            f"{where}: cannot read {files[0].name} ({str(e).splitlines()[0][:120]}); fetch it again "
+            f"with `launch prefetch --task {spec.name}`"
         ) from None
-    where = f"{spec.dataset}[{split}]"
+    _check_class_names(spec, schema, where)
+    data = table.to_pydict()
+    extras = {name: data[column] for name, column in spec.extra_fields.items()}
     return [
-        Example(str(r[spec.text_field]), _label_index(r[spec.label_field], spec.labels, f"{where} row {i}"))
-        for i, r in enumerate(rows)
+        Example(
+            str(text),
+            _label_index(label, spec.labels, f"{where} row {i}"),
+            {name: str(values[i]) for name, values in extras.items()},
+        )
+        for i, (text, label) in enumerate(zip(data[spec.text_field], data[spec.label_field]))
     ]
+
+
+def _check_class_names(spec: TaskSpec, schema, where: str) -> None:
+    """When the parquet carries the dataset's features and the label is a ClassLabel: as many classes as label
+    words, and no label word that is another class's name (the original listed TREC's DESC and ENTY in the wrong
+    order and trained every such question on the other's answer). Words may differ from names ("science" for
+    "Sci/Tech")."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if not meta:
+        return
+    feature = json.loads(meta).get("info", {}).get("features", {}).get(spec.label_field, {})
+    names = feature.get("names") if feature.get("_type") == "ClassLabel" else None
+    if not names:
+        return
+    if len(names) != len(spec.labels):
+        raise UserError(
+            f"{where}: the dataset has {len(names)} classes but the spec lists {len(spec.labels)} labels; "
+            "list one label word per class, in the dataset's order"
+        )
+    lowered = [n.lower() for n in names]
+    for i, word in enumerate(spec.labels):
+        j = lowered.index(word.lower()) if word.lower() in lowered else i
+        if j != i:
+            raise UserError(
+                f"{where}: label {i} of the spec is {word!r}, which is the dataset's class {j}; list the "
+                f"labels in the dataset's order ({', '.join(names)})"
+            )
 
 
 def _subset(examples: list[Example], n: int | None) -> list[Example]:
@@ -283,7 +346,7 @@ def load_task(data_cfg: DataConfig) -> Task:
                 raise UserError(f"task '{spec.name}': files needs a path for {', '.join(missing)}")
             train, evaluation = (_read_file(Path(spec.files[s]), spec) for s in ("train", "eval"))
         else:
-            train, evaluation = _read_hub(spec, spec.train_split), _read_hub(spec, spec.eval_split)
+            train, evaluation = _read_hub(spec)
     if not train or not evaluation:
         raise UserError(f"task '{spec.name}' has an empty {'train' if not train else 'eval'} split; add examples")
     return Task(spec, _subset(train, data_cfg.train_samples), _subset(evaluation, data_cfg.eval_samples))
@@ -314,34 +377,43 @@ class Collator:
                 f"label '{spec.labels[self.answers.index(longest)]}' needs {len(longest)} answer tokens "
                 f"(with EOS) but answer_length is {answer_length}; raise data.answer_length"
             )
+        self._tails: dict[str, list[int]] = {}  # token ids of what follows {text}, per distinct tail
         _, _, tail = spec.prompt.partition("{text}")
-        self._tail_ids = sender_tok(tail, add_special_tokens=False).input_ids
-        if len(self._tail_ids) >= max_length:
-            raise UserError(
-                f"the prompt after {{text}} alone is {len(self._tail_ids)} tokens; raise max_length above it"
-            )
+        if len(self._tail(tail)) >= max_length:
+            n = len(self._tail(tail))
+            raise UserError(f"the prompt after {{text}} alone is {n} tokens; raise max_length above it")
+
+    def _tail(self, tail: str) -> list[int]:
+        if tail not in self._tails:
+            self._tails[tail] = self.sender_tok(tail, add_special_tokens=False).input_ids
+        return self._tails[tail]
 
     def sender_ids(self, text: str) -> list[int]:
         return self.sender_batch([text])[0]
 
-    def sender_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Sender token ids per text (one batched tokenizer call), truncated to max_length."""
-        rows = self.sender_tok([self.spec.sender_text(t) for t in texts]).input_ids
-        head, _, _ = self.spec.prompt.partition("{text}")
-        return [
-            ids
-            if len(ids) <= self.max_length
-            else self.sender_tok(head + text).input_ids[: self.max_length - len(self._tail_ids)] + self._tail_ids
-            for ids, text in zip(rows, texts)
-        ]
+    def sender_batch(self, texts: Sequence[str], extras: Sequence[dict[str, str]] | None = None) -> list[list[int]]:
+        """Sender token ids per text (one batched tokenizer call), truncated to max_length by cutting the text:
+        what follows it in the prompt (the question, the label list) always survives."""
+        extras = extras or [{}] * len(texts)
+        rows = self.sender_tok([self.spec.sender_text(t, x) for t, x in zip(texts, extras)]).input_ids
+        out = []
+        for ids, text, extra in zip(rows, texts, extras):
+            if len(ids) > self.max_length:
+                head, _, tail = self.spec.sender_text("\0", extra).partition("\0")
+                tail_ids = self._tail(tail)
+                ids = self.sender_tok(head + text).input_ids[: max(0, self.max_length - len(tail_ids))] + tail_ids
+                ids = ids[-self.max_length :] if len(ids) > self.max_length else ids
+            out.append(ids)
+        return out
+
+    def sender_examples(self, examples: Sequence[Example]) -> list[list[int]]:
+        return self.sender_batch([e.text for e in examples], [e.extra for e in examples])
 
     def tokenize(self, examples: Sequence[Example], chunk: int = 8192) -> TokenRows:
         """Every example's sender ids, compactly (a split is tokenised once per run: the sampler's lengths,
         the sender cache's key and every batch come from these rows)."""
         return TokenRows(
-            row
-            for i in range(0, len(examples), chunk)
-            for row in self.sender_batch([e.text for e in examples[i : i + chunk]])
+            row for i in range(0, len(examples), chunk) for row in self.sender_examples(examples[i : i + chunk])
         )
 
     def batch(self, sender_rows: Sequence[Sequence[int]], labels: Sequence[int]):
@@ -363,7 +435,7 @@ class Collator:
         )
 
     def __call__(self, examples: Sequence[Example]):
-        return self.batch(self.sender_batch([e.text for e in examples]), [e.label for e in examples])
+        return self.batch(self.sender_examples(examples), [e.label for e in examples])
 
 
 class TokenRows(Sequence):

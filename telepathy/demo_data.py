@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 
 from telepathy.files import atomic_write_text
-from telepathy.paths import data_dir
+from telepathy.paths import configs_dir
 
 LABELS = ("animal", "food", "weather", "sport")
 KEYWORDS = {
@@ -97,7 +97,7 @@ def write(out: Path, n_train: int = 2000, n_eval: int = 200, seed: int = SEED) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=data_dir() / "demo")
+    parser.add_argument("--out", type=Path, default=configs_dir() / "tasks" / "demo")
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args()
     write(args.out, seed=args.seed)

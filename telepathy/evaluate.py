@@ -25,7 +25,7 @@ from torch import nn
 
 from telepathy.config import DataConfig, EvalConfig
 from telepathy.data import Collator, Example, Task
-from telepathy.loading import generation_config, load_model, select_attention
+from telepathy.loading import greedy, load_model, select_attention
 from telepathy.metrics import Progress
 from telepathy.registry import Pair
 from telepathy.step import TelepathyModel
@@ -51,7 +51,7 @@ def _generate_text(
     lm: nn.Module, tok, rows: Sequence[Sequence[int]], max_new_tokens: int, device: torch.device
 ) -> list[str]:
     ids, mask = _left_pad(rows, tok.pad_token_id, device)
-    out = lm.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config(tok, max_new_tokens))
+    out = greedy(lm, tok, max_new_tokens, input_ids=ids, attention_mask=mask)
     return tok.batch_decode(out[:, ids.size(1) :], skip_special_tokens=True)
 
 
@@ -82,11 +82,7 @@ class _Evaluator:
         prefix = self.model.receiver.prefix_embeds(batch.primer_ids, self.model.encode(batch))
         # Every row has the same length (one primer, K soft tokens): no padding, an all-ones mask.
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
-        out = self.lm.generate(
-            inputs_embeds=prefix,
-            attention_mask=mask,
-            generation_config=generation_config(self.receiver_tok, self.cfg.max_new_tokens),
-        )
+        out = greedy(self.lm, self.receiver_tok, self.cfg.max_new_tokens, inputs_embeds=prefix, attention_mask=mask)
         return self.receiver_tok.batch_decode(out, skip_special_tokens=True)  # only new tokens with inputs_embeds
 
     def receiver(self, examples: Sequence[Example]) -> list[str]:
@@ -97,7 +93,7 @@ class _Evaluator:
         return [self._receiver_text] * len(examples)
 
     def sender(self, examples: Sequence[Example]) -> list[str]:
-        rows = self.collate.sender_batch([e.text for e in examples])
+        rows = self.collate.sender_examples(examples)
         return _generate_text(self.sender_lm, self.sender_tok, rows, self.cfg.max_new_tokens, self.device)
 
     def text_relay(self, examples: Sequence[Example]) -> list[str]:

@@ -190,7 +190,8 @@ def load_tokenizer(spec: ModelSpec):
     if spec.weights == "random":
         tok = wheel_tokenizer(spec.tokenizer or "")
     else:
-        tok = AutoTokenizer.from_pretrained(spec.source)
+        with _readable(spec):
+            tok = AutoTokenizer.from_pretrained(spec.source, revision=_revision(spec))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -257,12 +258,19 @@ def load_model(
         model.to(device)
     else:
         # A fresh config truncated to the tap: from_pretrained then never materialises later layers.
-        hf_config = AutoConfig.from_pretrained(spec.source, attn_implementation=attn_implementation)
+        with _readable(spec):
+            hf_config = AutoConfig.from_pretrained(
+                spec.source, revision=_revision(spec), attn_implementation=attn_implementation
+            )
         if body:
             hf_config.num_hidden_layers = num_layers
-        with _quiet_if(body):  # the skipped later layers / LM head are reported as "unexpected" keys
+        with _quiet_if(body), _readable(spec):  # the skipped later layers / LM head are reported as "unexpected"
             model = cls.from_pretrained(
-                spec.source, config=hf_config, dtype=dtype, device_map=device_map or {"": str(device)}
+                spec.source,
+                revision=_revision(spec),
+                config=hf_config,
+                dtype=dtype,
+                device_map=device_map or {"": str(device)},
             )
     if not body:
         model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
@@ -272,6 +280,26 @@ def load_model(
         model.norm = nn.Identity()
     model.requires_grad_(False)
     return model.eval()
+
+
+def _revision(spec: ModelSpec) -> str | None:
+    return None if spec.path else spec.revision
+
+
+@contextlib.contextmanager
+def _readable(spec: ModelSpec):
+    """A model that cannot be read (not in an offline cache, gated, missing) is one line, not a traceback on
+    every rank."""
+    try:
+        yield
+    except OSError as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        fix = (
+            f"run `launch prefetch --model {spec.alias}` where the Hub is reachable"
+            if not spec.path
+            else "check the folder"
+        )
+        raise UserError(f"cannot read {spec.source} ({first}); {fix}") from None
 
 
 @contextlib.contextmanager
@@ -297,17 +325,40 @@ def _contiguous_input(_module: nn.Module, args: tuple) -> tuple | None:
     return (torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x), *args[1:])
 
 
-def generation_config(tokenizer, max_new_tokens: int):
-    """The one generation config every evaluation path uses: greedy, explicit pad/EOS ids."""
+def _ids(value) -> list[int]:
+    return [] if value is None else [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
+
+def generation_config(tokenizer, max_new_tokens: int, model: nn.Module | None = None) -> GenerationConfig:
+    """The one generation config every evaluation path uses: greedy, no penalties, explicit pad/BOS ids, and
+    as end of sequence every EOS the tokenizer or the checkpoint names (Llama-3.1-Instruct ends turns with
+    <|eot_id|> as well as <|end_of_text|>)."""
+    eos = _ids(tokenizer.eos_token_id) + _ids(getattr(model, "_checkpoint_eos", None))
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
+        temperature=1.0,
+        top_k=None,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        length_penalty=1.0,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=sorted(set(eos)) if len(set(eos)) > 1 else (eos[0] if eos else None),
         bos_token_id=tokenizer.bos_token_id,
     )
+
+
+def greedy(model: nn.Module, tokenizer, max_new_tokens: int, **inputs):
+    """`model.generate(**inputs)` decoding exactly as generation_config says. The model's own generation config
+    (a checkpoint's generation_config.json: Qwen2.5-Instruct's repetition_penalty 1.05, Llama's sampling at
+    T=0.6) is replaced, not merged: generate fills every field a passed config leaves unset from it."""
+    if not hasattr(model, "_checkpoint_eos"):
+        model._checkpoint_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config = generation_config(tokenizer, max_new_tokens, model)
+    model.generation_config = config
+    return model.generate(**inputs, generation_config=config)
 
 
 def memory_report(device: torch.device) -> dict[str, float]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from telepathy.bridge_shape import bridge_param_count, source_layer
 from telepathy.config import BridgeConfig
 from telepathy.errors import UserError
-from telepathy.paths import configs_dir
+from telepathy.paths import config_file
 from telepathy.registry import ModelSpec, Pair
 from telepathy.shape import StepShape
 
@@ -401,7 +401,7 @@ def _fsdp_comm(st: StepShape) -> dict[str, float]:
 @functools.lru_cache(maxsize=4)
 def _zero_config(stage: int) -> dict:
     """zero_optimization of configs/deepspeed/zero{stage}.json (the file the trainer hands DeepSpeed)."""
-    path = configs_dir() / "deepspeed" / f"zero{stage}.json"
+    path = config_file(f"deepspeed/zero{stage}.json")
     try:
         return json.loads(path.read_text()).get("zero_optimization", {})
     except (OSError, json.JSONDecodeError) as e:

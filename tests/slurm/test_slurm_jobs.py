@@ -53,7 +53,7 @@ def _copy_checkout(dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def started(slurm_cluster, tmp_path_factory):
+def started(slurm_cluster, tmp_path_factory, hub_cache):
     """Submit the independent jobs at once: the reference run (from a copy of the checkout, parked in the
     DOWN partition `hold` until its test edits that copy), the run to preempt, the hostile 2 x 1 run, the sweep."""
     base = tmp_path_factory.mktemp("jobs")
@@ -99,6 +99,37 @@ def started(slurm_cluster, tmp_path_factory):
             del os.environ["HF_TOKEN"]
         else:
             os.environ["HF_TOKEN"] = saved
+
+    # The first real run: models by hub id and a parquet task, from a hub-layout cache, on offline nodes.
+    hf_home, config_dir = hub_cache
+    offline = launch(
+        "--pair",
+        "rehearse-llama-rehearse-qwen",
+        "--task",
+        "sst2",
+        "--cluster",
+        "local",
+        "--hf-home",
+        str(hf_home),
+        "--steps",
+        "3",
+        "--eval-samples",
+        "4",
+        "--baselines",
+        "",
+        "--latency-samples",
+        "0",
+        "--max-length",
+        "48",
+        "--name",
+        "offline",
+        "--runs-dir",
+        str(base),
+        "--slurm",
+        env={"TELEPATHY_CONFIG_DIR": str(config_dir)},
+    )
+    assert offline.returncode == 0, offline.stderr
+    out["offline"] = {"root": base / "offline", "hf_home": hf_home}
 
     sweep_dir = base / "sweep"
     plans = [
@@ -302,3 +333,19 @@ def test_three_task_sweep_is_one_array_job_and_skips_completed_tasks_when_submit
     assert [t["index"] for t in one["tasks"]] == [1]
     assert "--task I" in launch("logs", str(root)).stderr  # a sweep's log needs a task
     assert f"{array}_2" in launch("logs", str(root), "--task", "2").stdout
+
+
+def test_an_offline_job_reads_models_and_data_only_from_the_cache(started):
+    """The profile says the nodes are offline: the job exports HF_HUB_OFFLINE and the profile's HF_HOME, and
+    loads the models by hub id and the task from parquet in that cache (the machine has no Hub to reach)."""
+    root, hf_home = started["offline"]["root"], started["offline"]["hf_home"]
+    (row,) = wait_done(root)
+    assert row["state"] == "COMPLETED" and row["step"] == 3, logs(root)
+    run = RunDir(root)
+    (script,) = run.slurm.glob("*_submission.sh")
+    text = script.read_text()
+    assert f"export HF_HOME={hf_home}" in text and "export HF_HUB_OFFLINE=1" in text
+    assert "export HF_DATASETS_OFFLINE=1" in text and "/user-configs" in text
+    ev = json.loads(run.eval.read_text())
+    assert ev["task"] == "sst2" and ev["n"] == 4
+    assert json.loads(run.config.read_text())["sender"] == "rehearse-llama"
