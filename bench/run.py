@@ -226,7 +226,12 @@ def step_comparison(regime_name: str, device: torch.device, reps: int, compile_b
     def original_bridge():
         torch.manual_seed(0)
         return OriginalPerceiver(
-            pair.sender.hidden, pair.receiver.hidden, cfg.bridge.soft_tokens, cfg.bridge.heads, cfg.bridge.depth, rms
+            pair.sender.hidden,
+            pair.receiver.hidden,
+            cfg.bridge.soft_tokens,
+            8,
+            cfg.bridge.depth,
+            rms,  # the original's 8 heads
         ).to(device, torch.bfloat16)
 
     def make_original():

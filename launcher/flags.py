@@ -89,6 +89,7 @@ RUN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "soft-tokens": ("bridge", "soft_tokens", positive_int),
     "depth": ("bridge", "depth", positive_int),
     "heads": ("bridge", "heads", positive_int),
+    "head-dim": ("bridge", "head_dim", positive_int),
     "source-layer": ("bridge", "source_layer", non_negative_int),
     "diversity-weight": ("bridge", "diversity_weight", non_negative_float),
     "baselines": ("eval", "baselines", names),

@@ -38,9 +38,15 @@ def plan_table(plan: Plan) -> str:
             "task",
             f"{run.data.task}, sender max {run.data.max_length} tokens, {run.train.steps} steps, lr {run.train.lr:g}",
         ),
-        ("bridge", f"K={run.bridge.soft_tokens}, depth {run.bridge.depth}, heads {run.bridge.heads}"),
+        ("bridge", f"K={run.bridge.soft_tokens}, depth {run.bridge.depth}, heads {_heads(plan)}"),
     ]
     out = kv_table("plan", rows)
     for note in b.notes:
         out += f"\nnote: {note}"
     return out
+
+
+def _heads(plan: Plan) -> str:
+    b = plan.run.bridge
+    width = plan.shape.pair.receiver.hidden
+    return str(b.heads) if b.heads is not None else f"{b.heads_for(width)} (width {width} / head_dim {b.head_dim})"

@@ -50,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from telepathy.config import RunConfig, TrainConfig, check_backend
 from telepathy.errors import UserError
+from telepathy.loading import init_rotary_
 from telepathy.paths import config_file
 from telepathy.rundir import StepDir
 from telepathy.step import Batch, StepOutput, TelepathyModel
@@ -175,8 +176,7 @@ class FSDPWrapped(Wrapped):
     backend = "fsdp"
 
     def __init__(self, model: TelepathyModel, cfg: RunConfig, device: torch.device):
-
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mesh = _mesh(device)
         receiver_params = {id(p) for p in model.receiver.parameters()}
         shared = model.sender is not None and any(id(p) in receiver_params for p in model.sender.parameters())
         check_backend("fsdp", single_model=shared, world_size=dist.get_world_size())
@@ -187,6 +187,12 @@ class FSDPWrapped(Wrapped):
         fully_shard(model.receiver, mesh=mesh)
         fully_shard(model.bridge, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        # The bridge's backward would prefetch the unit before it in forward order: the sender's remainder,
+        # all-gathered for a backward a no-grad sender never runs. FSDP2 takes an empty list as "the default
+        # order", so the bridge names itself, already unsharded then: a no-op.
+        model.bridge.set_modules_to_backward_prefetch([model.bridge])
+        if getattr(model, "fill_from_rank0", False):
+            _fill_from_rank0(model, device)
         super().__init__(model, cfg)  # AdamW over the sharded (DTensor) bridge parameters
 
     def _sync(self, last: bool):
@@ -200,15 +206,36 @@ class FSDPWrapped(Wrapped):
         return model
 
 
+def _mesh(device: torch.device):
+    """One node: shard over its GPUs. Several: HSDP, shard within a node and replicate across nodes, so the
+    frozen layers are all-gathered over NVLink, not the inter-node network, in every micro-step."""
+    world, per_node = dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    if per_node >= world or world % per_node:
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def _fill_from_rank0(model: TelepathyModel, device: torch.device) -> None:
+    """Frozen models built on the meta device (step.build_telepathy_model): allocate this rank's shards and
+    fill them from rank 0's copy (model.frozen_state) by broadcast, then drop that copy."""
+    parts = {name: getattr(model, name) for name in ("sender", "receiver") if getattr(model, name) is not None}
+    for part in parts.values():
+        part.to_empty(device=device)
+    state = model.frozen_state or {}
+    for name, part in parts.items():
+        set_model_state_dict(
+            part, state.get(name, {}), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        )
+        init_rotary_(part, device)
+    model.frozen_state = None
+
+
 class DeepSpeedWrapped(Wrapped):
     backend = "deepspeed"
 
     def __init__(self, model: TelepathyModel, cfg: RunConfig, device: torch.device):
         deepspeed = import_deepspeed()
-        for frozen in (model.sender, model.receiver):
-            if frozen is not None:
-                frozen.to(device)  # loaded on the CPU for sharded backends; ZeRO shards only the bridge
-        bridge = model.bridge
+        bridge = model.bridge  # ZeRO shards only the bridge: the frozen models were loaded straight to this GPU
         self._skeleton = copy.deepcopy(bridge).to("meta")  # shape-only twin for the rank-0 evaluation copy
         self.model, self.cfg = model, cfg
         optimizer, scheduler = make_optimizer(list(bridge.parameters()), cfg.train)

@@ -77,15 +77,15 @@ class Bridge(nn.Module):
 
     def __init__(self, cfg: BridgeConfig, src_dim: int, tgt_dim: int, target_rms: float):
         super().__init__()
-        if tgt_dim % cfg.heads:
+        heads = cfg.heads_for(tgt_dim)
+        if tgt_dim % heads:
             raise UserError(
-                f"bridge heads ({cfg.heads}) must divide the receiver width ({tgt_dim}); "
-                "pick --bridge-heads that divides it"
+                f"bridge heads ({heads}) must divide the receiver width ({tgt_dim}); pick --heads that divides it"
             )
         self.latents = nn.Parameter(torch.randn(cfg.soft_tokens, tgt_dim) * 0.02)
         self.input_norm = nn.LayerNorm(src_dim)
         self.input_proj = nn.Linear(src_dim, tgt_dim) if src_dim != tgt_dim else nn.Identity()
-        self.blocks = nn.ModuleList(_Block(tgt_dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(_Block(tgt_dim, heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         # Shape (1,), not a 0-d scalar: FSDP2 cannot shard scalar parameters.
         self.output_scale = nn.Parameter(torch.tensor([float(target_rms)]))
 

@@ -41,12 +41,22 @@ def check_backend(backend: str, *, single_model: bool = False, world_size: int =
 class BridgeConfig:
     soft_tokens: int = 32  # K learned queries = soft tokens handed to the receiver
     depth: int = 2  # Perceiver blocks (cross-attn, self-attn, MLP)
-    heads: int = 8
+    heads: int | None = None  # attention heads; None: the receiver width / head_dim
+    head_dim: int = 128  # per-head width when heads is None (flash and cuDNN attention take up to 128-256)
     mlp_ratio: int = 4
     # Which sender hidden state feeds the bridge, as in HF's `hidden_states[i]` (0 = embeddings).
     # None = layers - 1, the original's `hidden_states[31]` of a 32-layer sender.
     source_layer: int | None = None
     diversity_weight: float = 0.1  # batch-diversity penalty of the original (mean off-diagonal cosine)
+
+    def heads_for(self, width: int) -> int:
+        """The heads at a receiver width: as given, else width / head_dim (the largest divisor of the width at
+        most that, so heads always divide it). The original's fixed 8 meant head_dim 512 on 4096-wide
+        receivers, beyond what flash and cuDNN attention take."""
+        if self.heads is not None:
+            return self.heads
+        target = max(1, width // self.head_dim)
+        return max(h for h in range(1, target + 1) if width % h == 0)
 
 
 @dataclass(frozen=True)
@@ -114,8 +124,9 @@ class RunConfig:
             raise UserError(f"train.attention must be one of {', '.join(ATTENTIONS)} (got {t.attention})")
         if t.zero_stage not in (2, 3):
             raise UserError(f"train.zero_stage must be 2 or 3 (got {t.zero_stage})")
-        if self.bridge.soft_tokens < 1 or self.bridge.depth < 1 or self.bridge.heads < 1:
-            raise UserError("bridge soft_tokens, depth and heads must be >= 1")
+        b = self.bridge
+        if b.soft_tokens < 1 or b.depth < 1 or (b.heads is not None and b.heads < 1) or b.head_dim < 1:
+            raise UserError("bridge soft_tokens, depth, heads and head_dim must be >= 1")
         d = self.data
         if d.max_length < 1 or d.answer_length < 1:
             raise UserError(

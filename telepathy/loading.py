@@ -32,7 +32,7 @@ except ImportError:  # transformers 4.x
 
 log = logging.getLogger(__name__)
 
-SHARDED_BACKENDS = ("fsdp", "deepspeed")
+SHARDED_BACKENDS = ("fsdp",)
 INIT_STD = 0.02  # transformers' initializer_range default for Llama/Qwen2/Mistral
 # Vocabulary matrices get unit-norm rows (std 1/sqrt(hidden)) instead: at 0.02 a tiny model's logits span
 # ~0.2, so it can never prefer one token, and nothing trained through it can learn to answer.
@@ -164,9 +164,9 @@ def _cpu_bf16(n: int = 128, slower: float = 4.0) -> tuple[str, str]:
 
 
 def load_device(device: torch.device, backend: str) -> torch.device:
-    """Where frozen weights are loaded. Replicated (DDP) models go straight to this rank's device. Sharded
-    backends (FSDP2, DeepSpeed ZeRO-3) load onto the CPU: wrapping then moves one layer at a time to the
-    GPU and keeps only this rank's shard there, so no GPU ever holds a whole frozen model."""
+    """Where frozen weights are loaded. Replicated models (DDP; DeepSpeed, whose ZeRO shards only the bridge)
+    go straight to this rank's device. FSDP2 loads onto the CPU (one process) or the meta device (several:
+    see step.build_telepathy_model); wrapping then keeps only this rank's shard on the GPU."""
     return torch.device("cpu") if backend in SHARDED_BACKENDS else torch.device(device)
 
 
@@ -323,6 +323,19 @@ def _contiguous_input(_module: nn.Module, args: tuple) -> tuple | None:
     if x.dim() <= 2:  # mm takes any strides; the training step already passes (tokens, d)
         return None
     return (torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x), *args[1:])
+
+
+@torch.no_grad()
+def init_rotary_(model: nn.Module, device: torch.device | str) -> None:
+    """Rotary tables are computed at construction and are not in a state dict: a model built on the meta device
+    and filled afterwards has none. Recompute them on `device`."""
+    for m in model.modules():
+        if hasattr(m, "inv_freq") and hasattr(m, "config"):
+            with torch.device("cpu"):
+                fresh = type(m)(m.config)
+            for name in ("inv_freq", "original_inv_freq"):
+                if hasattr(m, name):
+                    setattr(m, name, getattr(fresh, name).to(device))
 
 
 def _ids(value) -> list[int]:

@@ -22,7 +22,7 @@ import transformers
 from telepathy import memory
 from telepathy.backends import DDPWrapped
 from telepathy.errors import UserError
-from telepathy.loading import select_attention
+from telepathy.loading import init_rotary_, select_attention
 from telepathy.shape import StepShape
 from telepathy.step import Batch, build_telepathy_model
 from telepathy.trace import materialise
@@ -74,20 +74,6 @@ def _batch(shape: StepShape, micro_batch: int, device):
     )
 
 
-def _init_rotary(model, device) -> None:
-    """Rotary tables are computed at construction: on the meta device they have no values. Recompute them
-    (a NaN table would make every loss NaN; memory does not care, but a measured step should be real)."""
-
-    with torch.no_grad():
-        for m in model.modules():
-            if hasattr(m, "inv_freq") and hasattr(m, "config"):
-                with torch.device("cpu"):
-                    fresh = type(m)(m.config)
-                for name in ("inv_freq", "original_inv_freq"):
-                    if hasattr(m, name):
-                        getattr(m, name).copy_(getattr(fresh, name).to(device))
-
-
 def measure(shape: StepShape, gpu_memory_gb: float, say: Callable[[str], None] = print) -> list[dict]:
     """One record per micro-batch tried: allocated/reserved peaks (GiB), the estimate, and whether it fit."""
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)  # before CUDA's allocator starts
@@ -99,7 +85,7 @@ def measure(shape: StepShape, gpu_memory_gb: float, say: Callable[[str], None] =
     cfg = shape.run_config(1)
     model, _, _ = build_telepathy_model(cfg, shape.pair, device, meta=True)
     materialise(model, device)
-    _init_rotary(model, device)
+    init_rotary_(model, device)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)

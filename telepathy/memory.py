@@ -56,6 +56,7 @@ MOMENTS = {
     "sender": "sender",
     "bridge_unshard": "receiver",
     "bridge_forward": "receiver",
+    "bridge_done": "receiver",
     "receiver_unshard": "receiver",
     "receiver_unshard_first": "receiver",
     "receiver_forward": "receiver",
@@ -310,6 +311,8 @@ def _per_sample(st: StepShape) -> dict[str, dict[str, float]]:
         "bridge_unshard": {"activations": _inputs(st) + states},
         # The last block's cross-attention forward: two widths of transients beside what it saves.
         "bridge_forward": {"activations": _inputs(st) + states + bridge, "temporaries": st.seq_len * e * 2 * d},
+        # The bridge's forward done, before FSDP reshards it: everything it saved, the sender's states still held.
+        "bridge_done": {"activations": _inputs(st) + states + bridge},
         "receiver_unshard": {"activations": _inputs(st) + bridge},
         "receiver_unshard_first": {"activations": _inputs(st) + bridge},
         "receiver_forward": {
@@ -368,8 +371,8 @@ def _fsdp_comm(st: StepShape) -> dict[str, float]:
     the unsharded parameters; in forward the buffer is freed only at the next unit's copy-out, so a
     unit's copy-out holds the previous unit's buffer, its running parent's parameters (a model's
     remainder stays unsharded while its layers run) and its own buffer and parameters (*_unshard*).
-    In backward each unit prefetches the unit before it in forward order; for the bridge that is the
-    sender's remainder, gathered for a backward a no-grad sender never runs (freed at the end)."""
+    In backward each unit prefetches the unit before it in forward order, except the bridge: its
+    predecessor is the no-grad sender, which has no backward."""
     u = _fsdp_units(st)
     s_root, s_layer, r_root, r_layer, b = (
         u["sender_root"],
@@ -385,6 +388,7 @@ def _fsdp_comm(st: StepShape) -> dict[str, float]:
         "sender": s_root + (2 * s_layer if n else 0),  # a layer running: its parameters and buffer
         "bridge_unshard": (s_layer if n and s_layer else s_root) + 2 * b,
         "bridge_forward": 2 * b,
+        "bridge_done": 2 * b,
         "receiver_unshard": b + 2 * r_root,
         "receiver_unshard_first": 2 * r_root + 2 * r_layer,
         "receiver_forward": r_root + 3 * r_layer,  # the last layer's copy-out
@@ -392,8 +396,8 @@ def _fsdp_comm(st: StepShape) -> dict[str, float]:
         "receiver_recompute": r_root + 2 * r_layer,
         "receiver": r_root + r_layer,  # the loss's backward: the head unsharded, the last layer prefetched
         "receiver_layer_backward": r_root + 2 * r_layer,  # the last layer, and the one before prefetched
-        "bridge_backward_last": b + s_root,
-        "bridge_backward": b + s_root,
+        "bridge_backward_last": b,  # no prefetch of the no-grad sender (backends.FSDPWrapped)
+        "bridge_backward": b,
         "optimizer": 0.0,
     }
 
@@ -424,6 +428,7 @@ def _autocast_weights(st: StepShape) -> dict[str, float]:
         # the last block's cross-attention forward: everything before it, and its own q, k, v
         "bridge_forward": c * (proj + (b.depth - 1) * block + 3 * d * d),
         **{m: receiver for m, phase in MOMENTS.items() if phase == "receiver" and not m.startswith("bridge")},
+        "bridge_done": receiver,
         # the k/v projections' backward of the last block, and of the first
         "bridge_backward_last": c * (proj + (b.depth - 1) * block + 2 * d * d),
         "bridge_backward": c * (proj + 2 * d * d),

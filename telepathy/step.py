@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -197,12 +198,29 @@ def build_telepathy_model(cfg: RunConfig, pair: Pair, device: torch.device | str
     bridge is fp32, seeded by train.seed, so every rank starts equal.
     `meta=True` builds everything at full size on the meta device with no weights and no tokenizers
     (tokenizers are then None): the memory tracer materialises it under fake tensors.
+
+    Under FSDP on several ranks the frozen models are built on the meta device and only rank 0 reads the
+    checkpoints (to the CPU; `model.frozen_state` holds them there): backends.FSDPWrapped shards the empty
+    models and fills every rank's shards from rank 0 by broadcast, so a node holds one copy, not one per rank.
     """
     device = torch.device("meta") if meta else torch.device(device)
     attn, _ = select_attention(device, cfg.train.attention)
     place = device if meta else load_device(device, cfg.backend)
     dtype, _ = compute_dtype(device, cfg.train.precision)
     tap = source_layer(cfg.bridge, pair.sender)
+    frozen_state, target_rms = None, None
+    from_rank0 = not meta and cfg.backend == "fsdp" and dist.is_initialized() and dist.get_world_size() > 1
+    if from_rank0:
+        real = build_telepathy_model(cfg.replace(backend="ddp"), pair, "cpu")[0] if dist.get_rank() == 0 else None
+        box = [float(real.bridge.output_scale) if real is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        target_rms, place = box[0], torch.device("meta")
+        if real is not None:
+            frozen_state = {
+                name: getattr(real, name).state_dict()
+                for name in ("sender", "receiver")
+                if getattr(real, name) is not None
+            }
     lm = load_model(pair.receiver, device=place, attn_implementation=attn, dtype=dtype)
     if cfg.train.sender_cache:
         sender = None
@@ -212,12 +230,15 @@ def build_telepathy_model(cfg: RunConfig, pair: Pair, device: torch.device | str
         sender = load_model(pair.sender, device=place, attn_implementation=attn, num_layers=tap, dtype=dtype)
     if cfg.train.activation_checkpointing:
         _checkpoint_layers(lm)
-    target_rms = 1.0 if meta else target_rms_of(lm)
+    if target_rms is None:
+        target_rms = 1.0 if meta else target_rms_of(lm)
     # Initialised on the CPU (or meta) from train.seed, then moved: the same bridge on every rank and device.
     with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
         torch.manual_seed(cfg.train.seed)
         bridge = Bridge(cfg.bridge, pair.sender.hidden, pair.receiver.hidden, target_rms)
-    model = TelepathyModel(sender, bridge.to(place), ReceiverWithHead(lm), cfg.bridge.diversity_weight, dtype)
+    bridge = bridge.to(device if place.type == "meta" and not meta else place)
+    model = TelepathyModel(sender, bridge, ReceiverWithHead(lm), cfg.bridge.diversity_weight, dtype)
+    model.frozen_state, model.fill_from_rank0 = frozen_state, from_rank0
     if meta:
         return model, None, None
     return model, load_tokenizer(pair.sender), load_tokenizer(pair.receiver)

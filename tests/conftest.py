@@ -28,15 +28,3 @@ def hub_cache(tmp_path_factory):
     import hubcache
 
     return hubcache.build(tmp_path_factory.mktemp("hub"))
-
-
-def offline_env(hub_cache) -> dict[str, str]:
-    """The environment of a compute node that cannot reach the Hub, reading this cache."""
-    hf_home, config_dir = hub_cache
-    return {
-        "HF_HOME": str(hf_home),
-        "TELEPATHY_CONFIG_DIR": str(config_dir),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }

@@ -140,3 +140,15 @@ def copy(hf_home: Path, dest: Path) -> Path:
     """A copy of a cache (symlinks kept) that a test may damage."""
     shutil.copytree(hf_home, dest, symlinks=True)
     return dest
+
+
+def offline_env(hub_cache) -> dict[str, str]:
+    """The environment of a compute node that cannot reach the Hub, reading this cache."""
+    hf_home, config_dir = hub_cache
+    return {
+        "HF_HOME": str(hf_home),
+        "TELEPATHY_CONFIG_DIR": str(config_dir),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }

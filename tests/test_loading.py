@@ -98,7 +98,7 @@ def test_real_attention_call_path_on_this_machine():
         (False, 3, "ddp", {"": "cpu"}),
         (False, None, "ddp", {"": "cpu"}),
         (True, 1, "fsdp", {"": "cpu"}),
-        (True, 1, "deepspeed", {"": "cpu"}),
+        (True, 1, "deepspeed", {"": 1}),  # DeepSpeed takes the frozen models already on the GPU
     ],
 )
 def test_device_map(monkeypatch, cuda, rank, backend, want):

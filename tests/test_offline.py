@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import offline_env
+from hubcache import offline_env
 
 from telepathy.config import DataConfig
 from telepathy.data import load_task, task_names
