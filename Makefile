@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# On a GPU node (one H100/H200, no network needed, ~8 minutes): what only a GPU can show -> bench/GPU.md.
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py --out bench/GPU.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -3,7 +3,7 @@
     launch status RUN_OR_SWEEP [--task I ...] [--json]   every task: state, nodes, step, loss, elapsed
     launch logs RUN_OR_SWEEP [--task I] [--node K] [--follow] [--json]
     launch cancel RUN_OR_SWEEP [--task I ...] [--json]
-    launch resubmit RUN_OR_SWEEP [--task I ...] [--json]  failed/cancelled tasks resume from their checkpoints
+    launch resubmit RUN_OR_SWEEP [--task I ...] [--partition P ...] [--json]  failed/cancelled tasks resume
 
 RUN_OR_SWEEP is the folder `launch` printed, a task folder inside a sweep, or a name under the runs folder.
 """
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from launcher import jobs, slurm
+from launcher.profiles import add_profile_flags, profile_overrides
 from telepathy.errors import UserError
 
 SCHEMA = 1
@@ -49,8 +50,13 @@ def register(sub) -> None:
     p = sub.add_parser("cancel", help="cancel the queued or running tasks of a run or sweep")
     common(p)
     p.set_defaults(handler=handle_cancel)
-    p = sub.add_parser("resubmit", help="submit failed or cancelled tasks again; they resume from their checkpoints")
+    p = sub.add_parser(
+        "resubmit",
+        help="submit failed or cancelled tasks again; they resume from their checkpoints "
+        "(profile flags such as --partition or --time-limit-min change their plans, and are recorded)",
+    )
     common(p)
+    add_profile_flags(p, cluster=False)
     p.set_defaults(handler=handle_resubmit)
 
 
@@ -151,7 +157,7 @@ def handle_resubmit(args) -> int:
     from launcher.submit import resubmit  # noqa: PLC0415  (imports submitit)
 
     record, indices = _load(args)
-    result = resubmit(record, indices)
+    result = resubmit(record, indices, profile_overrides(args))
     if args.json:
         print(json.dumps({"schema": SCHEMA, **result.to_dict()}, indent=2))
     else:

@@ -46,6 +46,11 @@ def register(sub) -> None:
         help="trace the real step on fake tensors (at --micro-batch; default: the largest that fits)",
     )
     mode.add_argument("--measure", action="store_true", help="run real steps on this machine's GPU; write a table row")
+    what.add_argument(
+        "--quick",
+        action="store_true",
+        help="with --measure: only micro-batch 1 and the analytic limit, and write no table row (a smoke test)",
+    )
     what.add_argument("--json", action="store_true", help="machine-readable output")
     add_layout_flags(p, gpus_default=None)
     add_run_flags(p)
@@ -76,7 +81,7 @@ def handle(args) -> int:
     if args.measure:
         if args.backend not in (None, "ddp"):
             raise UserError("--measure runs real steps on this machine's one GPU (backend ddp); drop --backend")
-        return _measure(req, as_json=args.json)
+        return _measure(req, as_json=args.json, quick=args.quick)
     if args.trace:
         return _show_trace(req, args.backend or "ddp", as_json=args.json)
     return _show_batches(req, as_json=args.json)
@@ -267,14 +272,17 @@ def _show_trace(req: _Request, backend: str, *, as_json: bool) -> int:
 # ---------------------------------------------------------------------------------------------- measure
 
 
-def _measure(req: _Request, *, as_json: bool) -> int:
-    """Real steps on this GPU (telepathy.measure), then a measured row in the memory table."""
+def _measure(req: _Request, *, as_json: bool, quick: bool = False) -> int:
+    """Real steps on this GPU (telepathy.measure), then a measured row in the memory table (not when quick)."""
     from telepathy.measure import gpu_name, measure, require_gpu, versions  # noqa: PLC0415  (torch only here)
 
     require_gpu()
     shape = req.shape.replace(backend="ddp", world_size=1)
     say = (lambda _m: None) if as_json else (lambda m: print(m, flush=True))
-    tries = measure(shape, req.gpu_memory_gb, say=say)
+    tries = measure(shape, req.gpu_memory_gb, say=say, quick=quick)
+    if quick:
+        print(json.dumps({"pair": shape.pair.name, "tries": tries}, indent=2) if as_json else "quick: no row written")
+        return 0
     good = [t for t in tries if t["fits"]]
     if not good:
         raise UserError(

@@ -96,7 +96,7 @@ def handle(args) -> int:
 
 
 def show_dry_run(plans: list[Plan], sweep_dir: Path | None, *, as_json: bool) -> int:
-    from launcher import submit  # noqa: PLC0415  (renders the sbatch text with submitit, as submission does)
+    from launcher import slurm, submit  # noqa: PLC0415  (renders the sbatch text with submitit, as submission does)
 
     runs = []
     for plan in plans:
@@ -113,7 +113,11 @@ def show_dry_run(plans: list[Plan], sweep_dir: Path | None, *, as_json: bool) ->
         ]
         runs.append({"plan": plan.to_dict(), "torchrun": nodes})
     # One script for the whole submission: a sweep is one array job, exactly as submit_slurm sends it.
-    sbatch = submit.render_sbatch(plans, sweep_dir=sweep_dir) if plans[0].mode == "slurm" else None
+    sbatch = None
+    if plans[0].mode == "slurm":
+        sbatch = submit.render_sbatch(plans, sweep_dir=sweep_dir)
+        if slurm.slurm_available():  # where SLURM answers, a request no node can satisfy is caught now
+            submit.check_fits(plans[0])
     if as_json:
         print(json.dumps({"schema": 1, "runs": runs, "sbatch": sbatch}, indent=2))
         return 0

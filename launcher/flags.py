@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.profiles import OVERRIDABLE, add_profile_flags
+from launcher.profiles import add_profile_flags, profile_overrides
 from telepathy.config import ATTENTIONS, BACKENDS, PRECISIONS
 
 
@@ -179,7 +179,7 @@ def request_from_args(args: argparse.Namespace, *, mode: str | None = None) -> L
         global_batch=args.global_batch,
         micro_batch=args.micro_batch,
         cluster=args.cluster,
-        profile_overrides={k: getattr(args, f"profile_{k}") for k in OVERRIDABLE},
+        profile_overrides=profile_overrides(args),
         overrides=overrides_from_args(args),
         name=getattr(args, "name", None),
         runs_dir=getattr(args, "runs_dir", None),

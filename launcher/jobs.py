@@ -123,9 +123,16 @@ class JobRecord:
 
     # ------------------------------------------------------------------ update
     def record_submission(
-        self, job_ids: dict[int, str], *, code_dir: Path, script: str, overrides: dict[str, Any] | None = None
+        self,
+        job_ids: dict[int, str],
+        *,
+        code_dir: Path,
+        script: str,
+        overrides: dict[str, Any] | None = None,
+        after: list[dict[str, str]] | None = None,
     ) -> str:
-        """Tasks -> the SLURM ids sbatch gave them (one job or array); saved at once. Returns the job's id."""
+        """Tasks -> the SLURM ids sbatch gave them (one job or array); saved at once. Returns the job's id.
+        `after`: the jobs it waits for (afterok), e.g. {"job_id", "sender_cache": folder} for a cache build."""
         base = next(iter(job_ids.values())).split("_")[0]
         for index, jid in job_ids.items():
             self.tasks[index].jobs.append(jid)
@@ -138,6 +145,8 @@ class JobRecord:
         }
         if overrides:
             entry["overrides"] = overrides
+        if after:
+            entry["after"] = after
         self.submissions.append(entry)
         self.save()
         return base

@@ -5,8 +5,8 @@ in it, importing this module from the job's code snapshot. The entry
 
 1. builds this node's torchrun command from the plan and the SLURM environment: `--standalone` on one
    node; otherwise c10d rendezvous on the job's first node, resolved here on the compute node, at a port
-   derived from the job id. An unresolvable (or wrongly loopback) first node is an error, never a
-   silent fall-back to localhost;
+   the first node finds free and publishes in the run folder for this attempt (the others wait for it). An
+   unresolvable (or wrongly loopback) first node is an error, never a silent fall-back to localhost;
 2. starts torchrun with SIGUSR2 *ignored*: torchrun has no handler for it (the default action kills
    it), an ignored disposition survives exec, and the workers install their own handler;
 3. on SIGUSR2 (SLURM's `--signal=USR2@T` before the time limit, or `scancel --signal=USR2`), which
@@ -44,9 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from telepathy.rundir import EXIT_PREEMPTED
+from telepathy.files import atomic_write_json, read_json
+from telepathy.rundir import EXIT_PREEMPTED, RunDir
 
-PORT_BASE, PORT_SPAN = 20000, 12000  # below Linux's ephemeral range (32768+), so no client socket holds it
+RENDEZVOUS_WAIT_S = 300  # other nodes: how long to wait for the first node's rendezvous address
 CHECKPOINT_WAIT_S = 120  # after torchrun exits on a signal: how long to wait for rank 0's preemption marker
 REQUEUE_WAIT_S = 120  # other nodes: how long to wait for the first task's requeue to end them
 
@@ -83,10 +84,35 @@ class SlurmTask:
             raise RuntimeError("the node entry runs inside a SLURM job (SLURM_JOB_ID is not set)") from None
 
 
-def rendezvous_port(job_id: str, restarts: int) -> int:
-    """Same on every node of a job; differs between concurrent jobs (whose ids differ by less than the
-    span) and between attempts of a requeued job (a stale listener from the last attempt cannot collide)."""
-    return PORT_BASE + (int(job_id) + 7 * restarts) % PORT_SPAN
+def free_port() -> int:
+    """A TCP port free on this node now (the kernel picks it, as torchrun's --standalone does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def publish_rendezvous(run_dir: RunDir, task: SlurmTask, host: str) -> str:
+    """The first node: a port free on it, written to the run folder for this attempt. Unlike a port derived
+    from the job id, two jobs (or two attempts) can never pick the same one while both are alive."""
+    endpoint = f"{host}:{free_port()}"
+    atomic_write_json(run_dir.rendezvous, {"job_id": task.job_id, "restarts": task.restarts, "endpoint": endpoint})
+    return endpoint
+
+
+def read_rendezvous(run_dir: RunDir, task: SlurmTask, timeout: float = RENDEZVOUS_WAIT_S) -> str:
+    """The other nodes: the endpoint the first node published for this attempt (an older attempt's is ignored)."""
+
+    def current() -> str | None:
+        d = read_json(run_dir.rendezvous, "rendezvous")
+        ok = d and d.get("job_id") == task.job_id and d.get("restarts") == task.restarts
+        return d["endpoint"] if ok else None
+
+    if not _wait_for(lambda: current() is not None, timeout):
+        raise RendezvousError(
+            f"the first node did not publish its rendezvous address in {run_dir.rendezvous} within {timeout:.0f} s "
+            "(is the run folder on a file system every node shares?)"
+        )
+    return current()
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -186,11 +212,11 @@ class NodeEntry:
     """The callable submitit runs in each task (one per node). Holds only the plan's path: everything
     else is read on the node, from the run folder and the code snapshot."""
 
-    def __init__(self, plan_path: str) -> None:
-        self.plan_path = plan_path
+    def __init__(self, plan_path: str, *, cache_only: bool = False) -> None:
+        self.plan_path, self.cache_only = plan_path, cache_only
 
     def __repr__(self) -> str:
-        return f"NodeEntry({self.plan_path!r})"
+        return f"NodeEntry({self.plan_path!r}{', cache_only=True' if self.cache_only else ''})"
 
     def torchrun_argv(self, plan, task: SlurmTask) -> list[str]:
         from launcher.plan import torchrun_command  # noqa: PLC0415  (from the snapshot, like everything here)
@@ -199,10 +225,19 @@ class NodeEntry:
         if plan.layout.nodes > 1:
             host = expand_nodelist(task.nodelist)[0]
             check_rendezvous_host(host)
-            endpoint = f"{host}:{rendezvous_port(task.job_id, task.restarts)}"
+            run_dir = plan.run.dir
+            if task.procid == 0:
+                endpoint = publish_rendezvous(run_dir, task, host)
+            else:
+                endpoint = read_rendezvous(run_dir, task)
             rdzv_id = f"{task.job_id}-{task.restarts}"
         argv = torchrun_command(
-            plan, config_path=str(plan.run.dir.config), node_rank=task.procid, rdzv_endpoint=endpoint, rdzv_id=rdzv_id
+            plan,
+            config_path=str(plan.run.dir.config),
+            node_rank=task.procid,
+            rdzv_endpoint=endpoint,
+            rdzv_id=rdzv_id,
+            cache_only=self.cache_only,
         )
         # torchrun is torch.distributed.run: run it with this interpreter, whatever PATH holds
         return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]

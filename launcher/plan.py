@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,21 @@ class Plan:
         self.run.save(self.run.dir.config)
         self.save(self.run.dir.plan)
 
+    @property
+    def cache_group(self) -> tuple | None:
+        """What fixes this run's sender cache entry (tasks with the same group share one), None without one."""
+        r = self.run
+        if not r.train.sender_cache:
+            return None
+        return (
+            r.sender,
+            r.bridge.source_layer,
+            r.data.task,
+            r.data.max_length,
+            r.data.train_samples,
+            r.train.precision,
+        )
+
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         d = read_json(path, "plan")
@@ -110,12 +127,29 @@ class Plan:
         return cls.from_dict(d)
 
 
+def local_gpus() -> int:
+    """The GPUs this machine shows a process (CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`), torch-free; 0: none."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+
+
 def layout_for(gpus: int, profile: ClusterProfile, mode: str) -> Layout:
     if gpus < 1:
         raise UserError(f"--gpus must be a positive whole number (got {gpus})")
     if mode == "debug":
         return Layout(1, 1)
-    if mode == "local" or gpus <= profile.gpus_per_node:
+    if mode == "local":
+        have = local_gpus()
+        if have and gpus > have:  # each rank takes cuda:LOCAL_RANK; without GPUs the ranks run on the CPU
+            raise UserError(f"--local --gpus {gpus} needs {gpus} GPUs and this machine shows {have}; use --gpus {have}")
+        return Layout(1, gpus)
+    if gpus <= profile.gpus_per_node:
         return Layout(1, gpus)
     g = profile.gpus_per_node
     if gpus % g:
@@ -295,7 +329,13 @@ def build_plans(request: LaunchRequest) -> tuple[list[Plan], Path | None]:
 
 
 def torchrun_command(
-    plan: Plan, *, config_path: str, node_rank: int | str = 0, rdzv_endpoint: str = "", rdzv_id: str = ""
+    plan: Plan,
+    *,
+    config_path: str,
+    node_rank: int | str = 0,
+    rdzv_endpoint: str = "",
+    rdzv_id: str = "",
+    cache_only: bool = False,
 ) -> list[str]:
     """The torchrun argv for one node. One node: --standalone. Several: c10d rendezvous on the first node."""
     lay = plan.layout
@@ -312,4 +352,5 @@ def torchrun_command(
             f"--rdzv_endpoint={rdzv_endpoint}",
             f"--rdzv_id={rdzv_id}",
         ]
-    return argv + [f"--nproc_per_node={lay.gpus_per_node}", "-m", "telepathy.train", "--config", config_path]
+    worker = ["-m", "telepathy.train", "--config", config_path, *(["--sender-cache-only"] if cache_only else [])]
+    return argv + [f"--nproc_per_node={lay.gpus_per_node}", *worker]

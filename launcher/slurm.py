@@ -210,3 +210,66 @@ def controller_max_array_size(timeout: float = 3.0) -> int | None:
 def scancel(job_ids: list[str]) -> None:
     if job_ids:
         _run(["scancel", *job_ids])
+
+
+# ------------------------------------------------------------------------------------------ nodes
+
+SINFO_FORMAT = "%N|%P|%c|%m|%G|%f|%T"  # node, partition (* = default), CPUs, memory MB, GRES, features, state
+_GPU_GRES = re.compile(r"^gpu(?::([^:(]+))?:(\d+)")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    partition: str
+    default: bool  # in the cluster's default partition
+    cpus: int
+    mem_mb: int
+    gpus: dict[str, int]  # GPU type ("" when untyped) -> count
+    features: frozenset[str]
+    state: str
+
+    def gpu_count(self, gpu_type: str | None) -> int:
+        return self.gpus.get(gpu_type, 0) if gpu_type else sum(self.gpus.values())
+
+
+def parse_sinfo(text: str) -> tuple[list[Node], list[str]]:
+    """Nodes from `sinfo --Node --noheader --format=SINFO_FORMAT` (and the lines that did not parse)."""
+    nodes, problems = [], []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        try:
+            name, part, cpus, mem, gres, features, state = parts
+            gpus: dict[str, int] = {}
+            for g in gres.split(","):
+                m = _GPU_GRES.match(g.strip())
+                if m:
+                    gpus[m.group(1) or ""] = gpus.get(m.group(1) or "", 0) + int(m.group(2))
+            feats = frozenset() if features in ("(null)", "") else frozenset(features.split(","))
+            nodes.append(
+                Node(
+                    name, part.rstrip("*"), part.endswith("*"), int(cpus), int(mem), gpus, feats, state.rstrip("*~#$@")
+                )
+            )
+        except ValueError:
+            problems.append(line)
+    return nodes, problems
+
+
+def sinfo_nodes(timeout: float = 10.0) -> list[Node] | None:
+    """Every node of every partition as SLURM reports it (a node once per partition); None where SLURM does
+    not answer."""
+    try:
+        out = subprocess.run(
+            ["sinfo", "--Node", "--noheader", f"--format={SINFO_FORMAT}"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return parse_sinfo(out.stdout)[0]

@@ -3,20 +3,22 @@
 #
 # Installs the Debian packages if missing (slurmctld, slurmd, slurm-client, slurmdbd, mariadb-server,
 # munge), writes the configuration from slurm/templates/, and starts MariaDB + slurmdbd (so sacct
-# works) + slurmctld + one slurmd per node (n1..nN on 127.0.0.1, fake GPUs through GRES).
+# works) + slurmctld + one slurmd per node (n1..nN on 127.0.0.1, fake typed GPUs through GRES, tasks
+# bound to their cores).
 # Daemons already running are left alone; a changed configuration restarts them.
 #
 #   slurm/up.sh            start (or check) the cluster; prints `export SLURM_CONF=...` last
 #   slurm/up.sh --status   exit 0 if every daemon is alive and every node is usable, else 1
 #   then: source "$TELEPATHY_SLURM_DIR/env.sh"    (default /tmp/telepathy-slurm)
 #
-# Knobs (environment): NODES=2 GPUS=4 CPUS=8 MEM=8000 (MB per node) MAX_ARRAY_SIZE=1001 AUTH=auto|none|munge
+# Knobs (environment): NODES=2 GPUS=4 GPU_TYPE=h100 CPUS=8 MEM=8000 (MB per node) MAX_ARRAY_SIZE=1001 AUTH=auto|none|munge
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 LAB=${TELEPATHY_SLURM_DIR:-/tmp/telepathy-slurm}
 NODES=${NODES:-2}
 GPUS=${GPUS:-4}
+GPU_TYPE=${GPU_TYPE:-h100}     # typed GRES, as production sites declare them (gpu:h100:4)
 CPUS=${CPUS:-8}               # declared per node; may exceed the real cores (config_overrides)
 MEM=${MEM:-8000}
 MAX_ARRAY_SIZE=${MAX_ARRAY_SIZE:-1001}
@@ -104,7 +106,7 @@ AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/linux"
 NODE_LINES=""; NODELIST=""
 for i in $(seq 1 "$NODES"); do
-  NODE_LINES+="NodeName=n$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((SLURMD_PORT0 + i)) CPUs=$CPUS RealMemory=$MEM Gres=gpu:$GPUS State=UNKNOWN"$'\n'
+  NODE_LINES+="NodeName=n$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((SLURMD_PORT0 + i)) CPUs=$CPUS RealMemory=$MEM Gres=gpu:$GPU_TYPE:$GPUS Features=$GPU_TYPE,ib State=UNKNOWN"$'\n'
   NODELIST+="${NODELIST:+,}n$i"
 done
 NODE_LINES=${NODE_LINES%$'\n'}
@@ -118,7 +120,7 @@ gres_conf() {
     for g in $(seq 0 $((GPUS - 1))); do  # slurmd accepts only real character devices as GPU files
       [ -c "$LAB/dev/n$i/nvidia$g" ] || mknod "$LAB/dev/n$i/nvidia$g" c 195 "$g"
     done
-    echo "NodeName=n$i Name=gpu File=$LAB/dev/n$i/nvidia[0-$((GPUS - 1))]"
+    echo "NodeName=n$i Name=gpu Type=$GPU_TYPE File=$LAB/dev/n$i/nvidia[0-$((GPUS - 1))]"
   done
 }
 put "$LAB/etc/gres.conf" 644 < <(gres_conf)

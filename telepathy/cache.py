@@ -8,11 +8,15 @@ their `offsets`) plus `manifest.json` with per-shard SHA-256 checksums. The dige
 identity (source + revision when known, or the random-init architecture), the tapped layer, the dtype and
 a hash of every example's sender token ids (which fixes tokenizer, prompt template, max_length and text).
 
-Concurrency: the entry is built in a private temporary folder, the manifest is written last, and the
-folder is published with one rename; builders serialise on an fcntl (POSIX) lock file, which the kernel
-releases when a builder dies (no stale claims), and which works on NFS with lockd. Several array tasks
-starting at once: one builds, the others block on the lock, then re-check and read. A reader that finds a
-missing, partial or corrupted entry (checksum mismatch) rebuilds it under the same lock.
+Building: all ranks of the job that needs it share the work (each computes a contiguous slice of the
+examples into its own shards); rank 0 then writes the manifest, verifies every shard's checksum once and
+writes the stamp `verified.json` (the manifest's SHA-256) into the entry's private temporary folder, which
+is published with one rename. Readers check the stamp, the manifest's key and the shard sizes, never
+re-hash gigabytes: a missing, partial or unstamped entry is rebuilt; `verify=True` re-hashes on demand.
+Builders of different jobs serialise on a lock FILE created atomically (O_CREAT|O_EXCL, which NFS and Lustre
+honour even where flock/fcntl locks are node-local), holding the owner and kept fresh by a heartbeat: a
+lock whose owner died on this host, or whose heartbeat stopped LOCK_STALE_S ago, is broken. A sweep
+builds its cache in a job of its own that the array waits for (launcher/submit.py), so no GPUs idle on it.
 
 Off by default (TrainConfig.sender_cache): building costs one sender pass over the WHOLE dataset plus
 disk (an 8B sender: 8 KiB per token, ~22 GB for SST-2 at ~40 tokens), which only pays when the data is
@@ -22,8 +26,6 @@ read more than about once in total, i.e. several epochs or several sweep tasks o
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,7 +33,9 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
+import uuid
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +57,8 @@ log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the on-disk layout changes: old entries then simply miss
 SHARD_BYTES = 256 * 1024**2  # a shard is written once it holds this much (one shard per ~32k tokens at d=4096)
 BUILD_TOKENS = 16384  # sender tokens per forward batch while building (padding included)
+STAMP = "verified.json"  # written by the builder once every shard's checksum matched
+LOCK_STALE_S = 120.0  # a builder's lock not refreshed for this long is abandoned (heartbeat every 1/4 of it)
 
 
 def cache_root() -> Path:
@@ -178,10 +184,12 @@ class SenderCache:
 # ---------------------------------------------------------------- validation
 
 
-def _check(path: Path, key: CacheKey) -> tuple[dict | None, str]:
-    """(manifest, "") for a complete, uncorrupted entry of `key`, else (None, why)."""
+def _check(path: Path, key: CacheKey, *, verify: bool = False) -> tuple[dict | None, str]:
+    """(manifest, "") for a complete entry of `key` stamped by its builder, else (None, why). `verify`
+    re-hashes every shard instead of trusting the stamp."""
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        raw = (path / "manifest.json").read_bytes()
+        manifest = json.loads(raw)
     except FileNotFoundError:
         return None, "missing" if not path.exists() else "no manifest (partial)"
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -192,56 +200,114 @@ def _check(path: Path, key: CacheKey) -> tuple[dict | None, str]:
         f = path / s["file"]
         if not f.is_file() or f.stat().st_size != s["bytes"]:
             return None, f"shard {s['file']} missing or truncated"
-        if sha256_file(f) != s["sha256"]:
+        if verify and sha256_file(f) != s["sha256"]:
             return None, f"shard {s['file']} checksum mismatch (corrupted)"
     covered = sum(s["count"] for s in manifest.get("shards", []))
     if covered != key.n_examples:
         return None, f"shards cover {covered} of {key.n_examples} examples"
+    if not verify:
+        try:
+            stamp = json.loads((path / STAMP).read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None, "not verified by its builder (no stamp)"
+        if stamp.get("manifest_sha256") != hashlib.sha256(raw).hexdigest():
+            return None, "stamp is for another manifest"
     return manifest, ""
 
 
-def open_cache(key: CacheKey, root: Path | None = None) -> SenderCache | None:
-    """The entry for `key` if it is complete and valid (checksums verified), else None."""
+def open_cache(key: CacheKey, root: Path | None = None, *, verify: bool = False) -> SenderCache | None:
+    """The entry for `key` if it is complete and stamped (with `verify`: every checksum re-hashed), else None."""
     path = (root or cache_root()) / key.dirname
-    manifest, _ = _check(path, key)
+    manifest, _ = _check(path, key, verify=verify)
     return SenderCache(path, manifest) if manifest else None
 
 
 # ---------------------------------------------------------------- building
 
 
+def _owner() -> dict:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "job": os.environ.get("SLURM_JOB_ID"),
+        "since": time.time(),
+    }
+
+
+def _abandoned(lock_path: Path) -> os.stat_result | None:
+    """The lock's stat if its owner is gone (a dead process on this host, or no heartbeat for LOCK_STALE_S)."""
+    try:
+        st = lock_path.stat()
+        owner = json.loads(lock_path.read_text() or "{}")
+    except FileNotFoundError:
+        return None  # released meanwhile: just try again
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        owner = {}  # being written this instant, or garbage: only its age decides
+    if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+        try:
+            os.kill(owner["pid"], 0)
+        except ProcessLookupError:
+            return st
+        except PermissionError:
+            pass  # alive, another user's
+    return st if time.time() - st.st_mtime > LOCK_STALE_S else None
+
+
+def _break(lock_path: Path, judged: os.stat_result) -> None:
+    """Remove the abandoned lock; if another waiter replaced it with a live one meanwhile, put that back."""
+    aside = lock_path.with_name(f"{lock_path.name}.stale-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(lock_path, aside)
+    except FileNotFoundError:
+        return
+    if aside.stat().st_ino != judged.st_ino:  # not the file judged abandoned: a new owner's
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, lock_path)  # atomic: never over a lock taken since
+    aside.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def _exclusive(lock_path: Path, poll_log_s: float = 60.0):
-    """A POSIX record lock on `lock_path` (blocking). The kernel drops it if the holder dies."""
+    """A lock file created atomically (O_EXCL), refreshed by a heartbeat while held, removed on release."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    start = time.monotonic()
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            judged = _abandoned(lock_path)
+            if judged is not None:
+                log.warning("sender cache: breaking the abandoned lock %s", lock_path)
+                _break(lock_path, judged)
+                continue
+            if time.monotonic() - start > poll_log_s:
+                log.info("sender cache: still waiting for another builder (%s)", lock_path.name)
+                start = time.monotonic()
+            time.sleep(0.2)
+    with os.fdopen(fd, "w") as f:
+        json.dump(_owner(), f)
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(LOCK_STALE_S / 4):
+            with contextlib.suppress(OSError):
+                os.utime(lock_path)
+
+    beat = threading.Thread(target=heartbeat, name="sender-cache-lock", daemon=True)
+    beat.start()
     try:
-        start = time.monotonic()
-        while True:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):  # e.g. ENOLCK: NFS mounted without lockd
-                    raise RuntimeError(
-                        f"cannot lock {lock_path} ({e.strerror}); put the sender cache on a "
-                        "filesystem with POSIX locks (set TELEPATHY_CACHE) or turn it off"
-                    ) from None
-                if time.monotonic() - start > poll_log_s:
-                    log.info("sender cache: still waiting for another builder (%s)", lock_path.name)
-                    start = time.monotonic()
-                time.sleep(0.2)
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        stop.set()
+        beat.join()
+        lock_path.unlink(missing_ok=True)
 
 
-def _write_shard(tmp: Path, number: int, first: int, parts: list[torch.Tensor], hidden: int) -> dict:
-
+def _write_shard(tmp: Path, name: str, first: int, parts: list[torch.Tensor], hidden: int) -> dict:
     lengths = [p.size(0) for p in parts]
     offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
     states = torch.cat(parts) if parts else torch.zeros(0, hidden)
-    name = f"shard-{number:05d}.safetensors"
     save_file({"states": states.contiguous(), "offsets": offsets}, str(tmp / name))
     f = tmp / name
     with f.open("rb") as fh:
@@ -256,10 +322,11 @@ def _write_shard(tmp: Path, number: int, first: int, parts: list[torch.Tensor], 
     }
 
 
-def _write_entry(tmp: Path, key: CacheKey, states: Iterator[tuple[int, torch.Tensor]]) -> None:
-    """Shards of consecutive examples (states must arrive in index order 0..n-1), manifest last."""
-    tmp.mkdir(parents=True)
-    shards, parts, first, expect, hidden = [], [], 0, 0, 0
+def _write_part(
+    tmp: Path, part: int, key: CacheKey, indices: range, states: Iterator[tuple[int, torch.Tensor]]
+) -> dict:
+    """Shards of the consecutive examples `indices` (states must arrive in that order): {"shards", "hidden"}."""
+    shards, parts, first, expect, hidden = [], [], indices.start, indices.start, 0
     dtype = getattr(torch, key.dtype)
     for index, s in states:
         if index != expect:
@@ -268,51 +335,98 @@ def _write_entry(tmp: Path, key: CacheKey, states: Iterator[tuple[int, torch.Ten
         parts.append(s.to("cpu", dtype))
         expect += 1
         if sum(p.numel() * p.element_size() for p in parts) >= SHARD_BYTES:
-            shards.append(_write_shard(tmp, len(shards), first, parts, hidden))
+            shards.append(_write_shard(tmp, f"shard-{part:04d}-{len(shards):05d}.safetensors", first, parts, hidden))
             parts, first = [], expect
-    if parts or not shards:
-        shards.append(_write_shard(tmp, len(shards), first, parts, hidden))
-    if expect != key.n_examples:
-        raise ValueError(f"built {expect} examples, the key says {key.n_examples}")
+    if parts:
+        shards.append(_write_shard(tmp, f"shard-{part:04d}-{len(shards):05d}.safetensors", first, parts, hidden))
+    if expect != indices.stop:
+        raise ValueError(f"built examples {indices.start}..{expect - 1}, expected up to {indices.stop - 1}")
+    return {"shards": shards, "hidden": hidden}
+
+
+def _publish(tmp: Path, path: Path, key: CacheKey, parts: list[dict]) -> None:
+    """Rank 0: the manifest over every part, each shard's checksum verified once, the stamp, one rename."""
+    shards = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["first"])
+    if not shards:  # no examples at all: one empty shard keeps the layout uniform
+        shards = [_write_shard(tmp, "shard-0000-00000.safetensors", 0, [], 0)]
     manifest = {
         "key": key.to_dict(),
-        "hidden": hidden,
+        "hidden": max(p["hidden"] for p in parts),
         "shards": shards,
         "created": time.time(),
         "host": socket.gethostname(),
     }
     atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    _, why = _check(tmp, key, verify=True)
+    if why:
+        raise RuntimeError(f"sender cache {tmp} is invalid right after building it ({why}); check the disk")
+    raw = (tmp / "manifest.json").read_bytes()
+    stamp = {"manifest_sha256": hashlib.sha256(raw).hexdigest(), "verified": time.time(), "host": socket.gethostname()}
+    atomic_write_text(tmp / STAMP, json.dumps(stamp) + "\n")
+    if path.exists():
+        shutil.rmtree(path)  # stale or corrupted; readers of it fail their checks anyway
+    os.rename(tmp, path)
+
+
+def _slice(n: int, rank: int, world: int) -> range:
+    return range(rank * n // world, (rank + 1) * n // world)
 
 
 def ensure(
-    key: CacheKey, compute: Callable[[], Iterator[tuple[int, torch.Tensor]]], root: Path | None = None
+    key: CacheKey,
+    compute: Callable[[range], Iterator[tuple[int, torch.Tensor]]],
+    root: Path | None = None,
+    *,
+    group: tuple[int, int] = (0, 1),
+    verify: bool = False,
 ) -> tuple[SenderCache, bool]:
-    """(cache, built): the valid entry for `key`, built by `compute()` (yielding (index, (len, d) states) in
-    index order) when missing or invalid. Safe with many concurrent callers: at most one builds."""
+    """(cache, built): the valid entry for `key`, built when missing or invalid by `compute(indices)`, which
+    yields (index, (len, d) states) for the consecutive examples `indices` in order. `group` = (rank, world)
+    of the job's process group: every rank calls this, and each computes its slice of a build. Safe with any
+    number of concurrent jobs: at most one builds, the others wait for it and read."""
     root = root or cache_root()
     path = root / key.dirname
-    manifest, _ = _check(path, key)
+    rank, world = group
+    manifest, why = _check(path, key, verify=verify)
     if manifest:
         return SenderCache(path, manifest), False
-    with _exclusive(root / f".{key.dirname}.lock"):
-        manifest, why = _check(path, key)  # another task may have built it while we waited
-        if manifest:
-            return SenderCache(path, manifest), False
-        log.info("sender cache: building %s (%s)", key.dirname, why)
-        for leftover in root.glob(f".{key.dirname}.tmp-*"):  # a crashed builder's; we hold the lock
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp = root / f".{key.dirname}.tmp-{socket.gethostname()}-{os.getpid()}"
-        try:
-            _write_entry(tmp, key, compute())
-            if path.exists():
-                shutil.rmtree(path)  # stale or corrupted: readers of it fail their checksum anyway
-            os.rename(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        manifest, why = _check(path, key)
-        if not manifest:
-            raise RuntimeError(f"sender cache {path} is invalid right after building it ({why}); check the disk")
-        return SenderCache(path, manifest), True
+    with contextlib.ExitStack() as held:
+        plan: list = [None]
+        if rank == 0:
+            held.enter_context(_exclusive(root / f".{key.dirname}.lock"))
+            manifest, why = _check(path, key, verify=verify)  # another job may have built it while we waited
+            if not manifest:
+                for leftover in root.glob(f".{key.dirname}.tmp-*"):  # a crashed builder's; we hold the lock
+                    shutil.rmtree(leftover, ignore_errors=True)
+                plan = [str(root / f".{key.dirname}.tmp-{socket.gethostname()}-{os.getpid()}")]
+                log.info("sender cache: building %s (%s) on %d rank(s)", key.dirname, why, world)
+        if world > 1:
+            torch.distributed.broadcast_object_list(plan, src=0)
+        if plan[0] is not None:
+            tmp = Path(plan[0])
+            try:
+                if rank == 0:
+                    tmp.mkdir(parents=True)
+                if world > 1:
+                    torch.distributed.barrier()
+                mine = _slice(key.n_examples, rank, world)
+                part = _write_part(tmp, rank, key, mine, compute(mine))
+                parts = [None] * world
+                if world > 1:
+                    torch.distributed.all_gather_object(parts, part)
+                else:
+                    parts = [part]
+                if rank == 0:
+                    _publish(tmp, path, key, parts)
+            finally:
+                if rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        if world > 1:
+            torch.distributed.barrier()  # published (or failed on rank 0) before anyone reads
+    manifest, why = _check(path, key)
+    if not manifest:
+        raise RuntimeError(f"sender cache {path} is not usable after building it ({why})")
+    return SenderCache(path, manifest), plan[0] is not None
 
 
 def sender_states(
@@ -321,17 +435,20 @@ def sender_states(
     pad_id: int,
     device: torch.device | str,
     tokens_per_batch: int = BUILD_TOKENS,
+    indices: range | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index, (len, d) states) for every example, in index order. `sender` is the truncated body
-    (last_hidden_state = the tapped layer). Batches of similar length (little padding) within windows
-    of 1024 examples, so memory stays bounded and output order stays the index order."""
+    """(index, (len, d) states) for the examples `indices` (default: all), in index order. `sender` is the
+    truncated body (last_hidden_state = the tapped layer). Batches of similar length (little padding) within
+    windows of 1024 examples, so memory stays bounded and output order stays the index order."""
 
     device = torch.device(device)
     window = 1024
-    progress = Progress(len(sender_ids), every=max(1, len(sender_ids) // 10), label="sender cache", unit="example")
+    indices = range(len(sender_ids)) if indices is None else indices
+    progress = Progress(len(indices), every=max(1, len(indices) // 10), label="sender cache", unit="example")
     done = 0
-    for w0 in range(0, len(sender_ids), window):
-        idx = sorted(range(w0, min(w0 + window, len(sender_ids))), key=lambda i: len(sender_ids[i]))
+    for w0 in range(indices.start, indices.stop, window):
+        end = min(w0 + window, indices.stop)
+        idx = sorted(range(w0, end), key=lambda i: len(sender_ids[i]))
         out: dict[int, torch.Tensor] = {}
         while idx:
             batch = [idx.pop()]  # longest remaining first
@@ -350,7 +467,7 @@ def sender_states(
                 out[i] = h[r, : len(sender_ids[i])].clone()
             done += len(batch)
             progress.update(done)
-        for i in range(w0, min(w0 + window, len(sender_ids))):
+        for i in range(w0, end):
             yield i, out.pop(i)
     progress.close()
 
@@ -381,7 +498,7 @@ def sender_cache_for(
         dtype=str(dtype).removeprefix("torch."),
     )
 
-    def compute() -> Iterator[tuple[int, torch.Tensor]]:
+    def compute(indices: range) -> Iterator[tuple[int, torch.Tensor]]:
         body = load_model(
             pair.sender,
             dtype=dtype,
@@ -389,8 +506,10 @@ def sender_cache_for(
             attn_implementation=select_attention(torch.device(device), cfg.train.attention)[0],
             num_layers=tap,
         )
-        yield from sender_states(body, sender_ids, sender_tok.pad_token_id, device)
+        yield from sender_states(body, sender_ids, sender_tok.pad_token_id, device, indices=indices)
 
-    cache, built = ensure(key, compute, root)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    cache, built = ensure(key, compute, root, group=(rank, world))
     log.info("sender cache: %s %s (%d examples)", "built" if built else "reading", cache.path, len(cache))
     return cache

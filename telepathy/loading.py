@@ -144,19 +144,25 @@ def _native_bf16(device: torch.device) -> tuple[str, str]:
 def _cpu_bf16(n: int = 128, slower: float = 4.0) -> tuple[str, str]:
     """bf16 on this CPU when a bf16 matmul is not much slower than an fp32 one. Without native bf16 (AVX2-only
     CPUs, AVX-512 without its bf16 extension) PyTorch emulates it: 30-100x slower than fp32. The fastest of
-    five tries per dtype, so other load on the machine does not decide."""
+    five tries per dtype, on one thread: other load on the machine then neither decides nor stalls a
+    multi-threaded GEMM waiting for a descheduled thread (which made fp32 look slower than emulated bf16)."""
     capability = torch.backends.cpu.get_cpu_capability()
     a32 = torch.randn(n, n)
     times = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = a32.to(dtype)
-        a @ a  # warm up (allocator, kernel selection)
-        tries = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            a @ a
-            tries.append(time.perf_counter() - t0)
-        times[dtype] = min(tries)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            a = a32.to(dtype)
+            a @ a  # warm up (allocator, kernel selection)
+            tries = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                a @ a
+                tries.append(time.perf_counter() - t0)
+            times[dtype] = min(tries)
+    finally:
+        torch.set_num_threads(threads)
     ratio = times[torch.bfloat16] / max(times[torch.float32], 1e-9)
     if ratio <= slower:
         return "bf16", f"{capability} CPU: a bf16 matmul takes {ratio:.1f}x an fp32 one"

@@ -74,8 +74,11 @@ def _batch(shape: StepShape, micro_batch: int, device):
     )
 
 
-def measure(shape: StepShape, gpu_memory_gb: float, say: Callable[[str], None] = print) -> list[dict]:
-    """One record per micro-batch tried: allocated/reserved peaks (GiB), the estimate, and whether it fit."""
+def measure(
+    shape: StepShape, gpu_memory_gb: float, say: Callable[[str], None] = print, *, quick: bool = False
+) -> list[dict]:
+    """One record per micro-batch tried: allocated/reserved peaks (GiB), the estimate, and whether it fit.
+    `quick`: micro-batch 1 and the analytic limit only."""
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)  # before CUDA's allocator starts
 
     device = require_gpu()
@@ -127,7 +130,9 @@ def measure(shape: StepShape, gpu_memory_gb: float, say: Callable[[str], None] =
         )
         if not record["fits"]:
             break
-        b = limit if b < limit <= 2 * b else 2 * b
+        b = limit if quick or b < limit <= 2 * b else 2 * b
+        if quick and len(tries) == 2:
+            break
     return tries
 
 

@@ -126,12 +126,29 @@ class RunDir:
         return self.path / "eval.json"
 
     @property
+    def evaluation_failed(self) -> Path:
+        """Rank 0's word to the ranks waiting for its evaluation that none is coming."""
+        return self.path / "eval.failed"
+
+    def mark_evaluation_failed(self) -> None:
+        atomic_write_json(self.evaluation_failed, {})
+
+    @property
     def predictions(self) -> Path:
         return self.path / "predictions.jsonl"
 
     @property
     def preempted(self) -> Path:
         return self.path / "preempted.json"
+
+    def sender_cache_job(self, index: int) -> RunDir:
+        """A sweep's job that builds sender cache entry `index` before its array runs (a run folder of its own)."""
+        return RunDir(self.path / "sender-cache" / str(index))
+
+    @property
+    def rendezvous(self) -> Path:
+        """The multi-node rendezvous address of the current attempt, published by the job's first node."""
+        return self.path / "rendezvous.json"
 
     @property
     def logs(self) -> Path:

@@ -84,11 +84,18 @@ class StepSampler:
         return [row.tolist() for row in rows[self.rank :: self.world_size]]
 
     def next_step(self) -> list[list[int]]:
+        micro = self.peek_step()
         if self.state.position >= self.steps_per_epoch:
             self.state.epoch, self.state.position = self.state.epoch + 1, 0
-        batch = self.global_batches(self.state.epoch)[self.state.position]
         self.state.position += 1
-        return self.micro_batches(batch)
+        return micro
+
+    def peek_step(self) -> list[list[int]]:
+        """What next_step will return, without moving: lets the trainer stage the next batches early."""
+        epoch, position = self.state.epoch, self.state.position
+        if position >= self.steps_per_epoch:
+            epoch, position = epoch + 1, 0
+        return self.micro_batches(self.global_batches(epoch)[position])
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self.state)

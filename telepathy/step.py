@@ -46,6 +46,15 @@ class Batch:
             }
         )
 
+    def pin_memory(self) -> Batch:
+        """Page-locked host copies: the copy to the GPU then runs asynchronously, beside the compute."""
+        return Batch(
+            **{
+                f.name: (v.pin_memory() if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                for f in dataclasses.fields(self)
+            }
+        )
+
     def __len__(self) -> int:
         return self.sender_mask.size(0)
 

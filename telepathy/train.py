@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -44,12 +45,12 @@ from telepathy.data import Collator, load_task
 from telepathy.errors import UserError
 from telepathy.evaluate import evaluate, format_eval_table, full_sender
 from telepathy.files import atomic_write_json, read_json
-from telepathy.loading import device_for, local_rank_from_env, memory_report
+from telepathy.loading import device_for, load_tokenizer, local_rank_from_env, memory_report
 from telepathy.metrics import MetricsWriter, Progress, eval_record
 from telepathy.registry import load_registry
 from telepathy.rundir import EXIT_PREEMPTED, RunDir
 from telepathy.sampler import StepSampler
-from telepathy.step import TelepathyModel, build_telepathy_model
+from telepathy.step import Batch, TelepathyModel, build_telepathy_model
 
 DIST_TIMEOUT = timedelta(minutes=30)  # any collective (init included) that waits longer is a hang: fail loudly
 log = logging.getLogger("telepathy.train")
@@ -104,6 +105,19 @@ def init_distributed() -> tuple[int, int, int | None]:
     return rank, world, local_rank
 
 
+def log_cpus() -> None:
+    """Which CPUs this worker may run on: where a site binds job steps to cores, a step that got too few
+    shows here first (every worker of a node on one CPU)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    log.info(
+        "cpus: %d allowed (%s) of %d, %d torch threads",
+        len(cpus),
+        ",".join(map(str, cpus)),
+        os.cpu_count() or 0,
+        torch.get_num_threads(),
+    )
+
+
 def seed_everything(seed: int) -> None:
 
     random.seed(seed)
@@ -120,6 +134,7 @@ class Trainer:
         self.cfg, self.dir, self.stop = cfg, cfg.dir, stop
         self.rank, self.world, self.local_rank = init_distributed()
         self.device = device_for(self.local_rank)
+        log_cpus()
         seed_everything(cfg.train.seed)
         # ---- what: the pair, the task and its tokenised train split, the models
         self.pair = load_registry().pair(sender=cfg.sender, receiver=cfg.receiver)
@@ -143,6 +158,7 @@ class Trainer:
             length_grouped=t.length_grouped,
         )
         self.wrapped: Wrapped = wrap(model, cfg, self.device)
+        self.stager = Stager(self._batch, pin=self.device.type == "cuda")
         self.metrics: MetricsWriter | None = None
         # ---- progress: optimizer steps taken
         self.step = 0
@@ -178,6 +194,7 @@ class Trainer:
         self._record_memory(0, "loaded")
         if self.rank == 0:
             self.dir.clear_preempted()
+            self.dir.evaluation_failed.unlink(missing_ok=True)  # an earlier attempt's
 
     def _check_bridge_layout(self, found: ckpt.Checkpoint) -> None:
         """A checkpoint of another bridge layout (an older version, other --bridge-* settings) is a one-line
@@ -222,13 +239,13 @@ class Trainer:
         t0 = time.perf_counter()
         lr = self.wrapped.lr  # the rate this step uses (DeepSpeed advances the schedule inside its last micro-step)
         micro = self.sampler.next_step()
+        batches = self.stager.take(micro)
+        if self.step + 1 < self.cfg.train.steps:
+            self.stager.ahead(self.sampler.peek_step())  # built while this step computes
         # [preempt flag, loss, lm_loss, diversity, samples, sender tokens] summed over micro-steps and ranks,
         # kept on the device: one host sync per optimizer step, not one per micro-step
         sums = torch.zeros(6, dtype=torch.float64, device=self.device)
-        for i, indices in enumerate(micro):
-            batch = self.collator.batch([self.rows[j] for j in indices], [self.task.train[j].label for j in indices])
-            if self.cache is not None:
-                batch = self.cache.attach(batch, indices)
+        for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             out = self.wrapped.micro_step(batch, last=i == len(micro) - 1)
             sums[1:4] += torch.stack([out.loss.detach(), out.lm_loss, out.diversity]).to(torch.float64)
@@ -255,6 +272,10 @@ class Trainer:
             "step_time_s": elapsed,
         }
         return record, bool(sums[0] > 0)
+
+    def _batch(self, indices: list[int]) -> Batch:
+        batch = self.collator.batch([self.rows[j] for j in indices], [self.task.train[j].label for j in indices])
+        return self.cache.attach(batch, indices) if self.cache is not None else batch
 
     def save_checkpoint(self) -> None:
         """Collective: every rank writes its part."""
@@ -299,7 +320,17 @@ class Trainer:
         bridge_state = self.wrapped.bridge_state()
         close_group()
         if self.rank != 0:
+            # Stay until rank 0 is done: ranks that exit at once leave their nodes' torchrun agents in the exit
+            # barrier, which gives up after 300 s ("Error waiting on exit barrier") however long evaluation takes.
+            wait_for_evaluation(self.dir)
             return {}
+        try:
+            return self._evaluate(bridge_state)
+        except BaseException:
+            self.dir.mark_evaluation_failed()  # the waiting ranks stop waiting
+            raise
+
+    def _evaluate(self, bridge_state: dict[str, Any]) -> dict[str, Any]:
         if self.cache is not None:  # trained without a sender: evaluation reads text
             model = self._rebuild()
             model.bridge.load_state_dict(bridge_state)
@@ -330,8 +361,35 @@ class Trainer:
         return model
 
     def close(self) -> None:
+        self.stager.close()
         if self.metrics is not None:
             self.metrics.close()
+
+
+class Stager:
+    """A step's batches (collated, cached states attached, pinned on CUDA) built on a thread while the
+    previous step computes, so neither the cache reads nor the pageable host-to-GPU copy sit inside it."""
+
+    def __init__(self, build, *, pin: bool):
+        self.build, self.pin = build, pin
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="telepathy-stage")
+        self._next: tuple[list[list[int]], Future] | None = None
+
+    def _make(self, micro: list[list[int]]) -> list[Batch]:
+        batches = [self.build(indices) for indices in micro]
+        return [b.pin_memory() for b in batches] if self.pin else batches
+
+    def take(self, micro: list[list[int]]) -> list[Batch]:
+        staged, self._next = self._next, None
+        if staged is not None and staged[0] == micro:
+            return staged[1].result()
+        return self._make(micro)  # first step, or after a resume
+
+    def ahead(self, micro: list[list[int]]) -> None:
+        self._next = (micro, self._pool.submit(self._make, micro))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -365,6 +423,33 @@ def run(cfg: RunConfig, *, stop: StopFlag | None = None) -> dict[str, Any]:
     finally:
         if own_flag:
             stop.uninstall()
+        for h in handlers:
+            logging.getLogger().removeHandler(h)
+            h.close()
+
+
+def wait_for_evaluation(run_dir: RunDir, poll_s: float = 0.5) -> None:
+    """Until rank 0 has written the evaluation (or said it failed). If rank 0's node dies instead, SLURM ends
+    the job's other tasks (srun --kill-on-bad-exit) and torchrun ends a local run's."""
+    while not (run_dir.eval.exists() or run_dir.evaluation_failed.exists()):
+        time.sleep(poll_s)
+
+
+def build_sender_cache(cfg: RunConfig) -> None:
+    """The sender cache of cfg's train split, and nothing else: what a sweep's cache job runs (all ranks,
+    each building a slice) before the array that reads it starts."""
+    rank, _, local_rank = init_distributed()
+    handlers = _setup_logging(cfg.dir, rank)
+    try:
+        log_cpus()
+        pair = load_registry().pair(sender=cfg.sender, receiver=cfg.receiver)
+        task = load_task(cfg.data)
+        sender_tok, receiver_tok = load_tokenizer(pair.sender), load_tokenizer(pair.receiver)
+        rows = Collator(task.spec, sender_tok, receiver_tok, cfg.data.max_length, cfg.data.answer_length).tokenize(
+            task.train
+        )
+        sender_cache_for(cfg, pair, sender_tok, rows, "train", device_for(local_rank))
+    finally:
         for h in handlers:
             logging.getLogger().removeHandler(h)
             h.close()
@@ -406,10 +491,14 @@ def _exit(code: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m telepathy.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="the run configuration the launcher wrote into the run folder")
+    parser.add_argument("--sender-cache-only", action="store_true", help="build the run's sender cache and stop")
     args = parser.parse_args(argv)
     code = 0
     try:
-        run(RunConfig.load(args.config))
+        if args.sender_cache_only:
+            build_sender_cache(RunConfig.load(args.config))
+        else:
+            run(RunConfig.load(args.config))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.stderr.flush()

@@ -1,13 +1,18 @@
 """Sender cache (telepathy/cache.py): training from cached states equals training with the live sender,
-concurrent builders produce one valid entry, and a corrupted or partial entry is detected and rebuilt."""
+concurrent builders produce one valid entry, a build split over a torchrun group equals one process's,
+readers trust the builder's stamp (a partial or unstamped entry is rebuilt, a corrupted one on `verify`),
+and the lock file survives builders that die."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -120,7 +125,9 @@ def test_cached_training_bit_identical_without_padding(tmp_path, body):
     live, _, _ = build_telepathy_model(cfg, pair, "cpu")
     cached, _, _ = build_telepathy_model(cfg.replace(train={"sender_cache": True}), pair, "cpu")
     ids = _ids(12, [20])
-    cache, built = C.ensure(_key(ids), lambda: C.sender_states(body, ids, 0, "cpu", tokens_per_batch=60), tmp_path)
+    cache, built = C.ensure(
+        _key(ids), lambda r: C.sender_states(body, ids, 0, "cpu", tokens_per_batch=60, indices=r), tmp_path
+    )
     assert built
     from telepathy.step import Batch
 
@@ -146,29 +153,104 @@ def test_corrupted_or_partial_entry_is_rebuilt(tmp_path, body):
     key = _key(ids)
     calls = []
 
-    def compute():
+    def compute(indices):
         calls.append(1)
-        return C.sender_states(body, ids, 0, "cpu")
+        return C.sender_states(body, ids, 0, "cpu", indices=indices)
 
     cache, built = C.ensure(key, compute, tmp_path)
     reference = [cache.get(i).clone() for i in range(len(ids))]
-    assert built and len(calls) == 1
+    assert built and len(calls) == 1 and (tmp_path / key.dirname / C.STAMP).is_file()
     assert C.ensure(key, compute, tmp_path)[1] is False and len(calls) == 1  # valid: read, not rebuilt
 
     shard = next((tmp_path / key.dirname).glob("shard-*.safetensors"))
     data = bytearray(shard.read_bytes())
-    data[-3] ^= 0xFF  # one flipped byte inside the states
+    data[-3] ^= 0xFF  # one flipped byte inside the states: same size, so only a re-hash sees it
     shard.write_bytes(bytes(data))
-    assert C.open_cache(key, tmp_path) is None
-    cache, built = C.ensure(key, compute, tmp_path)
+    assert C.open_cache(key, tmp_path) is not None  # readers trust the builder's stamp (no re-hash per start)
+    assert C.open_cache(key, tmp_path, verify=True) is None
+    cache, built = C.ensure(key, compute, tmp_path, verify=True)
     assert built and len(calls) == 2
     assert all(torch.equal(cache.get(i), r) for i, r in enumerate(reference))
+
+    shard = next((tmp_path / key.dirname).glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-10])  # truncated: the cheap check sees it
+    assert C.open_cache(key, tmp_path) is None and C.ensure(key, compute, tmp_path)[1] and len(calls) == 3
+    (tmp_path / key.dirname / C.STAMP).unlink()  # a builder that died before verifying
+    assert C.open_cache(key, tmp_path) is None and C.ensure(key, compute, tmp_path)[1] and len(calls) == 4
 
     (tmp_path / key.dirname / "manifest.json").unlink()  # a build that died before its manifest
     (tmp_path / f".{key.dirname}.tmp-deadhost-1").mkdir()  # and a crashed builder's leftovers
     assert C.open_cache(key, tmp_path) is None
-    assert C.ensure(key, compute, tmp_path)[1] and len(calls) == 3
+    assert C.ensure(key, compute, tmp_path)[1] and len(calls) == 5
     assert not list(tmp_path.glob(".*.tmp-*"))
+
+
+def test_a_dead_builders_lock_is_broken_and_a_live_ones_waited_for(tmp_path):
+    """The lock is a file created with O_EXCL (flock is node-local on NFS `nolock` and Lustre `localflock`)."""
+    states = [torch.randn(3, 4).bfloat16()]
+    key = C.CacheKey(model={"weights": "random"}, layer=1, dataset="d", ids_sha256="0" * 64, n_examples=1)
+    lock = tmp_path / f".{key.dirname}.lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))  # its process is gone
+    C.ensure(key, lambda r: iter(enumerate(states)), tmp_path)
+    assert not lock.exists()
+
+    other = C.CacheKey(model={"weights": "random"}, layer=2, dataset="d", ids_sha256="0" * 64, n_examples=1)
+    lock = tmp_path / f".{other.dirname}.lock"
+    lock.write_text(json.dumps({"host": "another-node", "pid": 1}))  # alive as far as anyone here can tell
+    done = threading.Event()
+    threading.Thread(target=lambda: (C.ensure(other, lambda r: iter(enumerate(states)), tmp_path), done.set())).start()
+    assert not done.wait(1.0)  # waits while the owner's heartbeat is fresh
+    old = time.time() - C.LOCK_STALE_S - 1
+    os.utime(lock, (old, old))  # the heartbeat stopped: that node died
+    assert done.wait(10) and not lock.exists()
+
+
+_SPLIT = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    from pathlib import Path
+    from telepathy import cache as C
+    from telepathy.loading import load_model
+    from telepathy.registry import load_registry
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    spec = load_registry().get("tiny-llama")
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 32000, (4 + i % 13,), generator=g).tolist() for i in range(21)]
+    key = C.CacheKey(model=C.model_identity(spec), layer=3, dataset="t:train", ids_sha256=C.ids_digest(ids),
+                     n_examples=len(ids), dtype="float32")
+    body = load_model(spec, device="cpu", attn_implementation="sdpa", num_layers=3, dtype=torch.float32)
+    seen = []
+    def compute(indices):
+        seen.append([indices.start, indices.stop])
+        return C.sender_states(body, ids, 0, "cpu", indices=indices)
+    cache, built = C.ensure(key, compute, Path(sys.argv[1]), group=(rank, world))
+    if rank == 0:  # and one process alone, for reference
+        alone, _ = C.ensure(key, compute, Path(sys.argv[2]))
+        same = all(torch.allclose(cache.get(i), alone.get(i), atol=1e-5, rtol=1e-4) for i in range(len(ids)))
+        print(json.dumps({"same": same, "shards": len(cache.manifest["shards"]), "n": len(cache)}))
+    print(json.dumps({"rank": rank, "built": built, "seen": seen[:1]}), file=sys.stderr)
+    dist.destroy_process_group()
+""")
+
+
+def test_a_build_is_split_over_the_jobs_ranks(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python"]
+        + [sys.executable, "-c", _SPLIT, str(tmp_path / "split"), str(tmp_path / "alone")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    ranks = sorted(
+        (json.loads(ln) for ln in out.stderr.splitlines() if ln.startswith('{"rank"')), key=lambda r: r["rank"]
+    )
+    assert [r["seen"] for r in ranks] == [[[0, 10]], [[10, 21]]] and all(r["built"] for r in ranks)
+    assert result == {"same": True, "shards": 2, "n": 21}  # one shard per rank, as one process's states
 
 
 def test_key_separates_layers_and_data(tmp_path):
@@ -198,9 +280,9 @@ _BUILDER = textwrap.dedent("""
         time.sleep(0.05)
     start = time.time()
 
-    def compute():
+    def compute(indices):
         time.sleep(3.0)  # hold the lock long enough that the other process must wait for it
-        return C.sender_states(body, ids, 0, "cpu")
+        return C.sender_states(body, ids, 0, "cpu", indices=indices)
 
     cache, built = C.ensure(key, compute, root / "cache")
     print(json.dumps({"built": built, "start": start, "end": time.time(), "n": len(cache),
@@ -241,6 +323,6 @@ def test_entry_with_tuple_valued_identity_reopens(tmp_path):
         n_examples=2,
     )
     states = [torch.randn(3, 4).bfloat16(), torch.randn(5, 4).bfloat16()]
-    C.ensure(key, lambda: iter(enumerate(states)), tmp_path)
+    C.ensure(key, lambda r: iter(enumerate(states)), tmp_path)
     cache = C.open_cache(key, tmp_path)
     assert cache is not None and all(torch.equal(cache.get(i), s) for i, s in enumerate(states))

@@ -70,13 +70,13 @@ CASES = [
         "env-bad-int",
         ["--pair", "llama3b-qwen3b", "--dry-run"],
         {"TELEPATHY_GPUS_PER_NODE": "eight"},
-        ["TELEPATHY_GPUS_PER_NODE", "not a valid int"],
+        ["TELEPATHY_GPUS_PER_NODE", "not a valid whole number"],
     ),
     (
         "flag-bad-float",
         ["--pair", "llama3b-qwen3b", "--gpu-memory-gb", "lots", "--dry-run"],
         {},
-        ["--gpu-memory-gb", "not a valid float"],
+        ["--gpu-memory-gb", "not a valid number"],
     ),
     (
         "gpus-per-node-zero",

@@ -3,6 +3,7 @@ real torchrun (the full protocol runs on the real cluster in tests/slurm)."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -12,15 +13,15 @@ import psutil
 import pytest
 
 from launcher.node import (
-    PORT_BASE,
-    PORT_SPAN,
     RendezvousError,
     SlurmTask,
     check_rendezvous_host,
     expand_nodelist,
-    rendezvous_port,
+    publish_rendezvous,
+    read_rendezvous,
     start_torchrun,
 )
+from telepathy.rundir import RunDir
 
 
 def test_slurm_task_from_env_uses_the_array_task_id_for_requeue():
@@ -41,11 +42,23 @@ def test_slurm_task_from_env_uses_the_array_task_id_for_requeue():
         SlurmTask.from_env({})
 
 
-def test_port_is_per_job_and_attempt_and_below_the_ephemeral_range():
-    ports = {rendezvous_port(str(j), 0) for j in range(1000, 1100)}
-    assert len(ports) == 100 and all(PORT_BASE <= p < PORT_BASE + PORT_SPAN < 32768 for p in ports)
-    assert rendezvous_port("1234", 1) != rendezvous_port("1234", 0)
-    assert rendezvous_port("1234", 3) == rendezvous_port("1234", 3)  # every node computes the same
+def test_rendezvous_is_published_per_attempt_and_never_aliases(tmp_path):
+    """The old port, 20000 + (job + 7 * restarts) % 12000, gave job J after one requeue and job J+7 the same
+    port. Now the first node takes a port the kernel says is free and publishes it for this attempt."""
+    run = RunDir(tmp_path)
+    first = SlurmTask(job_id="100", requeue_id="100", procid=0, nnodes=2, nodelist="n[1-2]", restarts=1)
+    other = SlurmTask(job_id="107", requeue_id="107", procid=0, nnodes=2, nodelist="n[1-2]", restarts=0)
+    endpoint = publish_rendezvous(run, first, "n1")
+    host, port = endpoint.rsplit(":", 1)
+    assert host == "n1" and 1024 <= int(port) < 65536
+    peer = SlurmTask(job_id="100", requeue_id="100", procid=1, nnodes=2, nodelist="n[1-2]", restarts=1)
+    assert read_rendezvous(run, peer, timeout=1) == endpoint  # what every other node of the attempt reads
+    with pytest.raises(RendezvousError, match="did not publish"):  # the next attempt never reads a stale one
+        read_rendezvous(run, SlurmTask("100", "100", 1, 2, "n[1-2]", restarts=2), timeout=0.5)
+    # two jobs alive on one first node at once: the kernel never hands out a port that is bound
+    with socket.socket() as held:
+        held.bind(("", int(port)))
+        assert publish_rendezvous(RunDir(tmp_path / "b"), other, "n1") != endpoint
 
 
 def test_nodelist_expansion_without_scontrol(monkeypatch):

@@ -1,6 +1,8 @@
+import os
+
 import pytest
 
-from launcher.plan import Plan, choose_batch, layout_for, make_plan, torchrun_command
+from launcher.plan import Plan, choose_batch, layout_for, local_gpus, make_plan, torchrun_command
 from launcher.profiles import load_profile
 from launcher.table import load_table
 from telepathy import memory
@@ -27,9 +29,23 @@ def test_layout_fills_nodes(gpus, nodes, per_node):
     assert (lay.nodes, lay.gpus_per_node, lay.world_size) == (nodes, per_node, gpus)
 
 
-def test_local_and_debug_layouts():
+def test_local_and_debug_layouts(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: the ranks run on the CPU, as many as asked
     assert layout_for(3, DGX, "local").world_size == 3
     assert layout_for(16, DGX, "debug").world_size == 1
+
+
+def test_local_asks_no_more_ranks_than_the_machine_has_gpus(monkeypatch, tmp_path):
+    """Each rank takes cuda:LOCAL_RANK: more ranks than GPUs died in set_device after startup."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert local_gpus() == 2 and layout_for(2, DGX, "local").world_size == 2
+    with pytest.raises(UserError, match="needs 4 GPUs and this machine shows 2; use --gpus 2"):
+        layout_for(4, DGX, "local")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # then nvidia-smi decides: here a stand-in listing one GPU
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)'\n")
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert local_gpus() == 1
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -21,8 +22,9 @@ import pytest
 from cluster import REPO, last_step, launch, launch_json, logs, status, tiny_plan, tiny_run, wait_done, wait_for
 
 from launcher import jobs
-from launcher.submit import submit_slurm
+from launcher.submit import check_fits, render_sbatch, submit_slurm
 from launcher.sweep import expand_sweep
+from telepathy.errors import UserError
 from telepathy.rundir import RunDir
 
 pytestmark = pytest.mark.slurm
@@ -34,6 +36,7 @@ PWNED = f"telepathy-pwned-{uuid.uuid4().hex[:8]}"
 HOSTILE = f"a b'c\"d $(touch {PWNED}1) `touch {PWNED}2`; touch {PWNED}3 && x"
 HOSTILE_ENV = f"$(touch {PWNED}4) ' \" ; touch {PWNED}5 `touch {PWNED}6`\ntouch {PWNED}7\n"
 
+TINY = ("--pair", "tiny-llama-tiny-qwen", "--task", "demo", "--steps", "2")
 DRIVER = """
 import json, sys
 import launcher
@@ -85,7 +88,8 @@ def started(slurm_cluster, tmp_path_factory, hub_cache):
         hostile.profile,
         env={**hostile.profile.env, "TELEPATHY_PROBE": HOSTILE_ENV},
         setup=(
-            f"printenv TELEPATHY_PROBE > {shlex.quote(str(probe / 'value'))}",
+            # setup runs before the job's exports: read the value when the script ends
+            f"trap {shlex.quote('printenv TELEPATHY_PROBE > ' + shlex.quote(str(probe / 'value')))} EXIT",
             f'if [ -n "${{HF_TOKEN:-}}" ]; then touch {shlex.quote(str(probe / "token_seen"))}; fi',
         ),
     )
@@ -132,8 +136,11 @@ def started(slurm_cluster, tmp_path_factory, hub_cache):
     out["offline"] = {"root": base / "offline", "hf_home": hf_home}
 
     sweep_dir = base / "sweep"
+    cache_env = {"TELEPATHY_CACHE": str(base / "telepathy-cache")}  # this session's: nothing built earlier
     plans = [
-        tiny_plan(tiny_run(sweep_dir / name, name=f"sweep.{name}").replace(**o))
+        _with_env(
+            tiny_plan(tiny_run(sweep_dir / name, name=f"sweep.{name}", sender_cache=True).replace(**o)), cache_env
+        )
         for name, o in expand_sweep(["seed=1,2,3"])
     ]
     out["sweep"] = {"plans": plans, "dir": sweep_dir, "result": submit_slurm(plans, sweep_dir=sweep_dir)}
@@ -144,18 +151,18 @@ def started(slurm_cluster, tmp_path_factory, hub_cache):
         jobs.cancel(jobs.JobRecord.load(record.parent))
 
 
+def _with_env(plan, env: dict):
+    return dataclasses.replace(plan, profile=dataclasses.replace(plan.profile, env={**plan.profile.env, **env}))
+
+
 def test_cli_sweep_is_one_array_per_max_array_size_and_cancels(slurm_cluster, tmp_path):
     """`launch --sweep` end to end through the CLI, parked in the DOWN partition: 3 tasks with
-    --max-array-size 2 are two array jobs, the second after the first; `launch cancel` cancels all."""
+    --max-array-size 2 are two array jobs side by side; `launch cancel` cancels all; `launch resubmit`
+    takes profile overrides (recorded, in the plan) and rolls back what it wrote when sbatch refuses."""
     out = launch(
-        "--pair",
-        "tiny-llama-tiny-qwen",
-        "--task",
-        "demo",
+        *TINY,
         "--sweep",
         "seed=1,2,3",
-        "--steps",
-        "2",
         "--cluster",
         "local",
         "--partition",
@@ -173,18 +180,57 @@ def test_cli_sweep_is_one_array_per_max_array_size_and_cancels(slurm_cluster, tm
     record = jobs.JobRecord.load(root)
     first, second = [s["job_id"] for s in record.submissions]
     assert [t.job_id for t in record.tasks] == [f"{first}_0", f"{first}_1", second]  # a chunk of one is a plain job
-    shown = subprocess.run(["scontrol", "show", "job", second], capture_output=True, text=True).stdout
-    assert f"Dependency=afterany:{first}" in shown
+    # The chunks run side by side (none waits for another's stragglers), each with its share of the throttle.
+    assert "Dependency=(null)" in _scontrol_job(second) and "ArrayTaskThrottle=2" in _scontrol_job(first)
     array = subprocess.run(["squeue", "-h", "-r", "-j", first, "-o", "%i %P %T"], capture_output=True, text=True).stdout
     assert sorted(array.split("\n")[:2]) == [f"{first}_0 hold PENDING", f"{first}_1 hold PENDING"]
     rows = launch_json("status", str(root))["tasks"]
     assert [r["state"] for r in rows] == ["PENDING"] * 3 and [r["name"][:3] for r in rows] == ["000", "001", "002"]
+    assert {r["reason"] for r in rows} == {"PartitionDown"}  # squeue's pending reason, shown by status
     cancelled = launch_json("cancel", str(root))["cancelled"]
     assert sorted(cancelled) == sorted(t.job_id for t in record.tasks)
     wait_for(lambda: [x["state"] for x in status(root)] == ["CANCELLED"] * 3, "the cancel", timeout=60)
-    again = launch_json("resubmit", str(root), "--task", "2")  # cancelled tasks can be submitted again
+    plan_file = RunDir(record.tasks[2].run_dir).plan
+    before = plan_file.read_bytes()
+    unknown = launch("resubmit", str(root), "--task", "2", "--partition", "nosuch")  # caught before sbatch
+    assert unknown.returncode == 2 and "partition nosuch does not exist" in unknown.stderr, unknown.stderr
+    refused = launch("resubmit", str(root), "--task", "2", "--exclude", "nosuchnode")  # what only sbatch knows
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "sbatch refused the job: invalid node name specified" in refused.stderr.lower(), refused.stderr
+    assert plan_file.read_bytes() == before  # rolled back: the next resubmit does not inherit "nosuch"
+    # cancelled tasks can be submitted again, with new profile settings that their plans then hold
+    again = launch_json("resubmit", str(root), "--task", "2", "--time-limit-min", "20", "--max-requeues", "0")
     assert again["submitted"] == [2] and again["code_dir"] == record.submissions[-1]["code_dir"]
+    plan = json.loads(plan_file.read_text())["profile"]
+    assert (plan["time_limit_min"], plan["max_requeues"], plan["partition"]) == (20, 0, "hold")
+    assert jobs.JobRecord.load(root).submissions[-1]["overrides"] == {"time_limit_min": "20", "max_requeues": "0"}
+    assert "TimeLimit=00:20:00" in _scontrol_job(jobs.JobRecord.load(root).tasks[2].job_id)
     assert launch_json("cancel", str(root), "--task", "2")["cancelled"] == [jobs.JobRecord.load(root).tasks[2].job_id]
+    # a refused first submission leaves nothing behind, so the corrected command just works
+    fresh = launch(
+        *TINY, "--cluster", "local", "--partition", "nosuch", "--name", "f", "--runs-dir", str(tmp_path), "--slurm"
+    )
+    assert fresh.returncode == 2 and fresh.stderr.count("\n") == 1 and not (tmp_path / "f").exists(), fresh.stderr
+
+
+def _scontrol_job(job_id: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+
+
+def test_site_options_are_accepted_by_sbatch_and_a_missing_feature_is_caught_first(slurm_cluster, tmp_path):
+    """The profile's site options in the rendered script, judged by the real sbatch (--test-only: nothing
+    runs). A reservation is rendered like them (tests/test_submit.py) but not exercised: this SLURM answers
+    --test-only with "Invalid time specified" for any reservation not yet started, and one started now
+    would take a node from the other tests."""
+    site = {"constraint": "h100&ib", "exclude": "n2", "sbatch_args": "--comment=site", "srun_args": "--mpi=none"}
+    script = tmp_path / "job.sh"
+    script.write_text(render_sbatch(tiny_plan(tiny_run(tmp_path / "r"), gpus=2, **site)))
+    test = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
+    assert test.returncode == 0 and "to start at" in test.stderr and "on nodes n1" in test.stderr, test.stderr
+    script.write_text(render_sbatch(tiny_plan(tiny_run(tmp_path / "r"), gpus=2, constraint="nvlink")))
+    assert subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True).returncode != 0
+    with pytest.raises(UserError, match="drop or change --constraint"):
+        check_fits(tiny_plan(tiny_run(tmp_path / "r"), gpus=2, constraint="nvlink"))
 
 
 def test_one_node_job_runs_its_snapshot_and_the_submitted_bytes_are_the_dry_run(started):
@@ -300,7 +346,9 @@ def test_two_nodes_by_one_process_rendezvous_over_c10d_with_hostile_strings_quot
 
 
 def test_two_nodes_by_two_processes(started):
-    """After the 2 x 1 job: 2 nodes x 2 processes = world size 4, ranks spread over both nodes."""
+    """After the 2 x 1 job: 2 nodes x 2 processes = world size 4, ranks spread over both nodes, typed GRES
+    (gpu:h100) asked, and with the cluster binding tasks to cores (TaskPlugin=task/affinity), every worker
+    may use all of its task's CPUs (a plain srun binds the node's one task to a single CPU)."""
     wait_done(started["hostile"]["result"].root)
     plan = tiny_plan(tiny_run(started["base"] / "r2x2"), gpus=4, gpus_per_node=2)
     assert (plan.layout.nodes, plan.layout.gpus_per_node) == (2, 2)
@@ -308,6 +356,13 @@ def test_two_nodes_by_two_processes(started):
     (row,) = wait_done(root)
     assert row["state"] == "COMPLETED" and row["nodes"] == "n[1-2]" and row["step"] == 4, logs(root)
     assert {p.name for p in RunDir(root).logs.glob("worker_rank*.log")} == {f"worker_rank{r}.log" for r in range(4)}
+    cpus = plan.profile.cpus_for(2)
+    assert (
+        cpus == 2 and "--gpus-per-node=h100:2" in Path(jobs.JobRecord.load(root).submissions[-1]["script"]).read_text()
+    )
+    for r in range(4):
+        allowed = re.search(r"cpus: (\d+) allowed", RunDir(root).worker_log(r).read_text())
+        assert allowed and int(allowed.group(1)) == min(cpus, os.cpu_count()), RunDir(root).worker_log(r).read_text()
     for k in (0, 1):
         text = (root / "slurm" / f"{row['job_id']}_{k}_log.out").read_text()
         assert "--nproc_per_node=2" in text and "--rdzv_endpoint=n1:" in text
@@ -315,13 +370,21 @@ def test_two_nodes_by_two_processes(started):
 
 
 def test_three_task_sweep_is_one_array_job_and_skips_completed_tasks_when_submitted_again(started):
+    """The three tasks read one sender cache: a job of its own builds it (split over its node's ranks) and
+    the array waits for it (afterok), so no task holds GPUs while another builds."""
     sweep = started["sweep"]
     result, root = sweep["result"], sweep["dir"]
     assert result.kind == "sweep" and len(result.job_ids) == 1 and result.submitted == [0, 1, 2]
     array = result.job_ids[0]
     assert [t.job_id for t in jobs.JobRecord.load(root).tasks] == [f"{array}_{i}" for i in range(3)]
+    (build,) = jobs.JobRecord.load(root).submissions[0]["after"]
+    assert result.sender_cache_jobs == [build["job_id"]]
     rows = wait_done(root)
     assert [r["state"] for r in rows] == ["COMPLETED"] * 3, logs(root)
+    built = RunDir(build["sender_cache"]).worker_log(0).read_text()
+    assert "sender cache: built" in built and "on 1 rank(s)" in built
+    for r in rows:
+        assert "sender cache: reading" in RunDir(r["run_dir"]).worker_log(0).read_text()
     assert [r["step"] for r in rows] == [4, 4, 4]
     seeds = [json.loads(RunDir(r["run_dir"]).config.read_text())["train"]["seed"] for r in rows]
     assert seeds == [1, 2, 3] and len({r["loss"] for r in rows}) == 3  # three different runs
