@@ -407,7 +407,8 @@ def _receiver_only(cfg: RunConfig, lm: nn.Module, dtype: torch.dtype, device: to
             return PromptTuningModel(None, SoftPrompt(table[rows.to(table.device)]), receiver, 0.0, dtype)
         from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415  (peft only for the lora method)
 
-        # the adapters' init (kaiming A, zero B) draws from the seeded generator; PEFT keeps them in fp32
+        # the adapters' init (kaiming A, zero B) draws from the seeded generator
         inject_adapter_in_model(LoraConfig(**LORA), lm)
         lm.to(device)
-    return LoraModel(None, LoraAdapters(receiver), receiver, 0.0, dtype)
+    # fp32 master weights, as the bridge's (PEFT computes the adapters in their dtype and casts the sum back)
+    return LoraModel(None, LoraAdapters(receiver).float(), receiver, 0.0, dtype)
