@@ -14,9 +14,8 @@ expanded into the plans of every run and the array jobs that run them.
     cost: {mfu: 0.35, decode_mfu: 0.1, peak_tflops: 989}   the dry run's GPU-hour estimate
 
 Expansion, per pair and task: a run per seed (and K) for the methods that depend on the seed (bridge,
-prompt_tuning, lora); one run for the linear probe (deterministic); the evaluation-only methods share runs,
-one per seed: the first seed's evaluates every one of them, the others only the seeded ones (k-shot), so a
-deterministic method is evaluated once. Flags given to `launch --recipe` win over the recipe: run settings
+prompt_tuning, lora); one run for the linear probe (deterministic); the evaluation-only methods ride on the
+bridge's runs (`_layout_runs`), so a deterministic one is evaluated once and k-shot once per seed. Flags given to `launch --recipe` win over the recipe: run settings
 (`--steps 5`), `--gpus`, `--global-batch`, and `--task`, `--seed`, `--soft-tokens`, `--method`, which replace
 the recipe's lists (as do `--seeds` and `--methods` with several values).
 Validation: a bad key or value is one line naming the file and the key. Torch-free.
@@ -312,26 +311,38 @@ def _cli_sections(request: LaunchRequest) -> dict[str, Any]:
 
 
 def _layout_runs(recipe: Recipe) -> list[dict[str, Any]]:
-    """Every run as (pair, task, methods, seed, K), in table order: per pair and task, the trained methods
-    in the recipe's order, then the evaluation runs."""
+    """Every run as (pair, task, methods, seed, K), in table order. Per pair and task: the trained methods in
+    the recipe's order, a run per seed (and K) of each seeded one. The evaluation-only methods ride on the
+    bridge's runs of the first K, which hold the receiver and the sender's body already (the full sender is
+    completed from it): its first seed's run evaluates every one of them, the others only the seeded ones
+    (k-shot), so a deterministic method is evaluated once, on the very examples the bridge is. Without a
+    bridge in the recipe they get runs of their own, grouped the same way."""
     out = []
     trained = [m for m in recipe.methods if METHODS[m].trains]
     evaluated = [m for m in recipe.methods if m in BASELINES]
+
+    def riders(i: int) -> tuple[str, ...]:
+        return tuple(m for m in evaluated if METHODS[m].seeded or i == 0)
+
     for pair in recipe.pairs:
         for task in recipe.tasks:
             for m in trained:
                 ks = recipe.soft_tokens if m in ("bridge", "prompt_tuning") else (None,)
                 seeds = recipe.seeds if METHODS[m].seeded else recipe.seeds[:1]
-                out += [dict(pair=pair, task=task, methods=(m,), seed=s, k=k) for k in ks for s in seeds]
-            for i, seed in enumerate(recipe.seeds):
-                ms = tuple(m for m in evaluated if METHODS[m].seeded or i == 0)
-                if ms:
-                    out.append(dict(pair=pair, task=task, methods=ms, seed=seed, k=None))
+                for k in ks:
+                    for i, s in enumerate(seeds):
+                        host = m == "bridge" and k == ks[0]
+                        out.append(dict(pair=pair, task=task, methods=(m, *(riders(i) if host else ())), seed=s, k=k))
+            if "bridge" not in trained:
+                for i, seed in enumerate(recipe.seeds):
+                    if riders(i):
+                        out.append(dict(pair=pair, task=task, methods=riders(i), seed=seed, k=None))
     return out
 
 
 def _run_name(index: int, run: dict[str, Any], many_pairs: bool) -> str:
-    what = run["methods"][0] if len(run["methods"]) == 1 else "eval"
+    first = run["methods"][0]
+    what = first if METHODS[first].trains or len(run["methods"]) == 1 else "eval"
     task = Path(run["task"]).stem if run["task"].endswith((".jsonl", ".csv", ".yaml")) else run["task"]
     parts = ([run["pair"]] if many_pairs else []) + [what, task] + ([f"k{run['k']}"] if run["k"] else [])
     return f"{index:03d}-" + _UNSAFE.sub("_", "-".join(parts + [f"s{run['seed']}"]))[:96]

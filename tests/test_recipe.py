@@ -75,17 +75,29 @@ def test_expansion_seeds_deterministic_methods_once_and_the_command_line_wins(tm
     seeded = [m for m in METHODS if METHODS[m].seeded]
     assert all(by[m] == list(recipe.seeds) for m in seeded)
     assert all(by[m] == [recipe.seeds[0]] for m in METHODS if m not in seeded)
-    assert len(runs) == 9 and all(r.plan.run.train.steps == 2 for r in runs)  # --steps over the recipe's 200
-    first_eval = next(r for r in runs if len(r.methods) > 1)
-    assert first_eval.plan.run.method == first_eval.methods[0]
-    assert first_eval.plan.run.eval.baselines == first_eval.methods[1:]
-    assert all(r.plan.run.eval.baselines == () for r in runs if METHODS[r.methods[0]].trains)
+    assert len(runs) == 7 and all(r.plan.run.train.steps == 2 for r in runs)  # --steps over the recipe's 200
+    # the evaluation-only methods ride on the bridge's runs: all of them at the first seed, k-shot at every seed
+    hosts = [r for r in runs if r.methods[0] == "bridge"]
+    assert [r.methods for r in hosts] == [
+        ("bridge", "receiver_zero_shot", "sender_zero_shot", "receiver_k_shot", "text_relay", "receiver"),
+        ("bridge", "receiver_k_shot"),
+    ]
+    assert all(r.plan.run.method == r.methods[0] and r.plan.run.eval.baselines == r.methods[1:] for r in runs)
+    assert all(r.plan.run.eval.baselines == () for r in runs if r.methods[0] != "bridge")
     assert all(Path(r.plan.run.run_dir).parent == root for r in runs)
-    assert len({r.plan.run.run_dir for r in runs}) == 9
+    assert len({r.plan.run.run_dir for r in runs}) == 7
 
     narrowed = with_cli(recipe, LaunchRequest(), "bridge,receiver", "7,8")
     _, runs, _ = recipe_runs(narrowed, LaunchRequest(cluster="local", runs_dir=str(tmp_path), name="e"))
-    assert [(r.methods, r.seed) for r in runs] == [(("bridge",), 7), (("bridge",), 8), (("receiver",), 7)]
+    assert [(r.methods, r.seed) for r in runs] == [(("bridge", "receiver"), 7), (("bridge",), 8)]
+    alone = with_cli(recipe, LaunchRequest(), "lora,receiver_k_shot,receiver", "7,8")  # no bridge to ride on
+    _, runs, _ = recipe_runs(alone, LaunchRequest(cluster="local", runs_dir=str(tmp_path), name="f"))
+    assert [(r.methods, r.seed) for r in runs] == [
+        (("lora",), 7),
+        (("lora",), 8),
+        (("receiver_k_shot", "receiver"), 7),
+        (("receiver_k_shot",), 8),
+    ]
     with pytest.raises(UserError, match="--seeds"):
         with_cli(recipe, LaunchRequest(), None, "7,x")
 
@@ -111,10 +123,9 @@ def test_table1_dry_run_json_lists_every_job_with_resources_and_gpu_hours_withou
     assert doc["schema"] == 1 and doc["recipe"]["name"] == "table1"
     (array,) = doc["arrays"]  # one GPU per run: one homogeneous layout, one array job
     tasks = array["tasks"]
-    # per task: 5 seeds of bridge, prompt tuning and LoRA; the probe once; 5 evaluation runs (every baseline at
-    # the first seed, k-shot alone at the other four)
-    assert len(tasks) == len(doc["runs"]) == 3 * (3 * 5 + 1 + 5)
-    assert "#SBATCH --array=0-62%" in array["sbatch"]
+    # per task: 5 seeds of bridge, prompt tuning and LoRA, the probe once; the baselines ride on the bridge runs
+    assert len(tasks) == len(doc["runs"]) == 3 * (3 * 5 + 1)
+    assert "#SBATCH --array=0-47%" in array["sbatch"]
     assert array["resources"]["nodes"] == 1 and array["resources"]["gpus_per_node"] == 1
     for task in ("sst2", "agnews", "trec"):
         mine = [t for t in tasks if t["task"] == task]
