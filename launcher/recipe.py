@@ -15,9 +15,10 @@ expanded into the plans of every run and the array jobs that run them.
 
 Expansion, per pair and task: a run per seed (and K) for the methods that depend on the seed (bridge,
 prompt_tuning, lora); one run for the linear probe (deterministic); the evaluation-only methods ride on the
-bridge's runs (`_layout_runs`), so a deterministic one is evaluated once and k-shot once per seed. Flags given to `launch --recipe` win over the recipe: run settings
-(`--steps 5`), `--gpus`, `--global-batch`, and `--task`, `--seed`, `--soft-tokens`, `--method`, which replace
-the recipe's lists (as do `--seeds` and `--methods` with several values).
+bridge's runs (`_layout_runs`), so a deterministic one is evaluated once and k-shot once per seed.
+Flags given to `launch --recipe` win over the recipe: run settings (`--steps 5`), `--gpus`, `--global-batch`,
+and `--task`, `--seed`, `--soft-tokens`, `--method`, which replace the recipe's lists (as do `--seeds` and
+`--methods` with several values).
 Validation: a bad key or value is one line naming the file and the key. Torch-free.
 """
 
@@ -139,8 +140,13 @@ def _setting(path: Path, where: str, flag: str, value: Any) -> tuple[str, Any]:
     flag = str(flag).replace("_", "-")
     if flag in LISTS:
         raise _fail(path, where, f"'{flag}' is decided by the recipe's '{LISTS[flag]}' list; set it there")
+    if flag in SWITCHES:
+        if not isinstance(value, bool):
+            raise _fail(path, where, f"'{flag}' is on or off: true or false (got {value!r})")
+        return flag, value
     if flag not in RUN_FLAGS:
-        raise _fail(path, where, f"unknown setting '{flag}'; use the names of launch's flags ({', '.join(RUN_FLAGS)})")
+        known = ", ".join([*RUN_FLAGS, *SWITCHES])
+        raise _fail(path, where, f"unknown setting '{flag}'; use the names of launch's flags ({known})")
     if value is None:
         if flag not in NULLABLE:
             raise _fail(path, where, f"'{flag}' cannot be null")
@@ -250,7 +256,7 @@ def _sections(settings: dict[str, Any]) -> dict[str, Any]:
     """Flag -> value as RunConfig.replace() sections (top-level fields for section "")."""
     out: dict[str, Any] = {}
     for flag, value in settings.items():
-        section, name, _ = RUN_FLAGS[flag]
+        section, name = SWITCHES[flag] if flag in SWITCHES else RUN_FLAGS[flag][:2]
         if section:
             out.setdefault(section, {})[name] = value
         else:
@@ -381,7 +387,9 @@ def recipe_runs(
     for index, r in enumerate(layout):
         pair: Pair = reg.pair(r["pair"])
         method, baselines = r["methods"][0], r["methods"][1:]
-        per_method = {k: v for k, v in recipe.method_settings.get(method, {}).items() if k in RUN_FLAGS}
+        per_method = {
+            k: v for k, v in recipe.method_settings.get(method, {}).items() if k in RUN_FLAGS or k in SWITCHES
+        }
         fixed: dict[str, Any] = {
             "method": method,
             "data": {"task": r["task"]},
@@ -391,6 +399,8 @@ def recipe_runs(
         if r["k"] is not None:
             fixed["bridge"] = {"soft_tokens": r["k"]}
         base = _merge(_sections(recipe.settings), _sections(per_method))
+        if method != "bridge":  # the sender cache feeds the bridge alone (RunConfig refuses it elsewhere)
+            base.get("train", {}).pop("sender_cache", None)
         gpus = gpus_of(r["methods"])
         run_name = _run_name(index, r, many_pairs)
         run_dir = folders[gpus] / run_name

@@ -338,16 +338,17 @@ def report_run(path: Path, out: Path) -> Report:
         rep.rows.append({"method": method, **r})
     n, labels = run.eval.get("n"), run.eval.get("labels") or []
     title = f"task {run.eval.get('task')}: n={n}" + (f", chance {100 / len(labels):.1f}%" if labels else "")
-    rows = [[r["method"], _num(r["accuracy"]), str(r["unmatched"]), _num(r["latency_ms"])] for r in rep.rows]
-    atomic_write_text(
-        out / "eval.md",
-        f"{title}\n\n" + markdown(["method", "accuracy (%)", "unmatched", "latency (ms, median)"], rows),
-    )
+    rows = [
+        [r["method"], _num(r["accuracy"]), _num(r["scored_accuracy"]), str(r["unmatched"]), _num(r["latency_ms"])]
+        for r in rep.rows
+    ]
+    header = ["method", "accuracy (%)", "scored (%)", "unmatched", "latency (ms, median)"]
+    atomic_write_text(out / "eval.md", f"{title}\n\n" + markdown(header, rows))
     atomic_write_text(
         out / "eval.csv",
         csv_text(
-            ["method", "accuracy", "unmatched", "latency_ms"],
-            [[r["method"], r["accuracy"], r["unmatched"], r["latency_ms"]] for r in rep.rows],
+            ["method", "accuracy", "scored_accuracy", "unmatched", "latency_ms"],
+            [[r["method"], r["accuracy"], r["scored_accuracy"], r["unmatched"], r["latency_ms"]] for r in rep.rows],
         ),
     )
     rep.written += [out / "eval.md", out / "eval.csv"]

@@ -32,6 +32,7 @@ settings: {steps: 3}
         ("settings: {lrr: 1}", "settings.lrr", "unknown setting 'lrr'"),
         ("settings: {seed: 3}", "settings.seed", "decided by the recipe's 'seeds' list"),
         ("settings: {steps: null}", "settings.steps", "cannot be null"),
+        ("settings: {sender_cache: 1}", "settings.sender_cache", "true or false"),
         ("pairs: [nope-nada]", "pairs", "nope"),
         ("tasks: [nonesuch]", "tasks", "unknown task 'nonesuch'"),
         ("seeds: [1, 1]", "seeds", "lists a value twice"),
@@ -49,6 +50,17 @@ def test_a_bad_key_or_value_is_one_line_naming_file_and_key(tmp_path, change, ke
         load_recipe(str(path))
     msg = str(e.value)
     assert msg.startswith(f"{path}: {key}: ") and problem in msg and "\n" not in msg
+
+
+def test_the_users_recipe_folder_layers_over_the_shipped_one(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "demo.yaml").write_text(GOOD.replace("{steps: 3}", "{steps: 3, sender_cache: true}"))
+    monkeypatch.setenv("TELEPATHY_CONFIG_DIR", str(tmp_path))
+    mine = load_recipe("demo")
+    assert mine.path == str(tmp_path / "recipes" / "demo.yaml") and mine.methods == ("bridge", "receiver")
+    _, runs, _ = recipe_runs(mine, LaunchRequest(cluster="local", runs_dir=str(tmp_path / "runs"), name="m"))
+    assert [r.plan.run.train.sender_cache for r in runs] == [True, True]  # bridge runs (the floor rides on one)
+    assert load_recipe("table1").path.endswith("configs/recipes/table1.yaml")  # the shipped one still there
 
 
 def test_the_cli_refuses_a_bad_recipe_in_one_line_and_writes_nothing(launch, tmp_path):
