@@ -187,7 +187,7 @@ def run_flops(run: RunConfig, pair: Pair, global_batch: int, n_train: int, n_eva
     of its method and baselines on n_eval examples (generation and label scoring). Dense passes and decoding
     run at very different utilisation, so the dry run prices them apart."""
     S, R = pair.sender, pair.receiver
-    tap = run.bridge.source_layer if run.bridge.source_layer is not None else S.layers - 1
+    tap = source_layer(run.bridge, S)
     seq, answer, k, e = run.data.max_length, run.data.answer_length, run.bridge.soft_tokens, run.eval
     dense = decode = 0.0
     body = decoder_flops(S, seq, layers=tap)
