@@ -36,20 +36,24 @@ Train a bridge from a frozen sender LLM to a frozen receiver LLM, on SLURM (defa
   launch --pair llama3b-qwen3b --gpus 4 --dry-run     the plan and the exact sbatch script; writes nothing
   launch --pair llama3b-qwen3b --gpus 4               submit (one task per node, torchrun inside)
   launch --pair tiny-llama-tiny-qwen --task demo --debug      one process on this machine (CPU or GPU)
+  launch --recipe table1 [--dry-run]                  a whole experiment (configs/recipes/): every run as array jobs
 
 main options (all: `launch run --help`)
   --pair A-B | --sender A --receiver B   models: registry aliases (`launch models`), hub ids or local folders
   --task NAME                            sst2, agnews, trec, banking77, boolq, demo, or a .jsonl/.csv file
   --gpus N   --backend ddp|fsdp|deepspeed   --cluster PROFILE   --account A   --partition P
   --steps N  --lr X  --seed N  --soft-tokens K  --sweep KEY=V1,V2 (one SLURM array job)
+  --method M                             bridge, prompt_tuning, lora, linear_probe, receiver_zero_shot, ...
+  --recipe NAME [--methods M1,M2] [--seeds S1,S2]   a recipe's runs (flags given win over the recipe)
   --dry-run [--json]   --debug   --local   --name NAME   --runs-dir DIR
 
 subcommands
   models                      the model registry's aliases
   prefetch --pair P --task T  download what runs read from the Hugging Face Hub (login node); --check: offline
+                              (--recipe NAME: every pair and task of a recipe)
   memory --pair P             per-GPU memory of a step and the micro-batch that fits (--trace, --measure)
   status | logs | cancel | resubmit RUN_OR_SWEEP     submitted runs and sweeps
-  report RUN_OR_SWEEP         tables and plots
+  report RUN_OR_SWEEP         tables and plots (a recipe's folder: Table 1 with intervals and paired tests)
 
 --config-dir DIR (or TELEPATHY_CONFIG_DIR): your own cluster profiles, tasks, recipes, models and measured
 memory-table rows, layered over the shipped ones (default ~/.config/telepathy).

@@ -2,6 +2,7 @@
 
     launch prefetch --pair llama8b-mistral7b --task sst2 --cluster mycluster     config, tokenizer, safetensors, splits
     launch prefetch --pair P --sweep task=sst2,agnews,trec                       every task of a sweep
+    launch prefetch --recipe table1 --cluster mycluster                          every pair and task of a recipe
     launch prefetch --pair P --task sst2 --check [--json]                        presence only, no network
 
 Run it on a login node (compute nodes are usually offline). It checks gated access first (a missing or
@@ -44,6 +45,7 @@ def register(sub) -> None:
         metavar="KEY=V1,V2",
         help="the pairs and tasks of a sweep (as for launch)",
     )
+    p.add_argument("--recipe", metavar="NAME", help="every pair and task of a recipe (configs/recipes/NAME.yaml)")
     p.add_argument("--check", action="store_true", help="presence only, no network: list what is missing")
     p.add_argument("--json", action="store_true", help="machine-readable output (stable schema)")
     add_profile_flags(p)
@@ -62,8 +64,16 @@ def _wanted(args) -> list[hub.Need]:
             models += [pair.sender.source, pair.receiver.source]
         if "task" in overrides.get("data", {}):
             tasks.append(overrides["data"]["task"])
+    if args.recipe:
+        from launcher.recipe import load_recipe  # noqa: PLC0415  (only with --recipe)
+
+        recipe = load_recipe(args.recipe)
+        for name in recipe.pairs:
+            pair = reg.pair(name)
+            models += [pair.sender.source, pair.receiver.source]
+        tasks += list(recipe.tasks)
     if not models and not tasks:
-        raise UserError("nothing to prefetch; name a --pair, --model or --task (or a --sweep of them)")
+        raise UserError("nothing to prefetch; name a --recipe, --pair, --model or --task (or a --sweep of them)")
     return preflight.needs(models, tasks)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.profiles import add_profile_flags, profile_overrides
-from telepathy.config import ATTENTIONS, BACKENDS, PRECISIONS
+from telepathy.config import ATTENTIONS, BACKENDS, METHODS, PRECISIONS
 
 
 def positive_int(text: str) -> int:
@@ -70,8 +70,10 @@ def names(text: str) -> tuple[str, ...]:
     return tuple(b.strip() for b in text.split(",") if b.strip())
 
 
-# flag -> (RunConfig section, field, parser). One table: `launch`, `launch memory` and --sweep keys.
+# flag -> (RunConfig section, field, parser). One table: `launch`, `launch memory`, --sweep keys and recipe
+# settings. Section "" is a top-level RunConfig field.
 RUN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
+    "method": ("", "method", choice(*METHODS)),
     "task": ("data", "task", str),
     "max-length": ("data", "max_length", positive_int),
     "answer-length": ("data", "answer_length", positive_int),
@@ -95,6 +97,8 @@ RUN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "baselines": ("eval", "baselines", names),
     "max-new-tokens": ("eval", "max_new_tokens", positive_int),
     "latency-samples": ("eval", "latency_samples", non_negative_int),
+    "relay-tokens": ("eval", "relay_tokens", positive_int),
+    "k-shot": ("eval", "k_shot", positive_int),
 }
 # On/off fields (--x / --no-x), not sweepable.
 SWITCHES = {
@@ -117,7 +121,7 @@ class LaunchRequest:
     micro_batch: int | None = None
     cluster: str | None = None  # profile name or path (default: TELEPATHY_CLUSTER, then dgx-h100)
     profile_overrides: dict[str, str | None] = field(default_factory=dict)
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # RunConfig.replace() sections
+    overrides: dict[str, Any] = field(default_factory=dict)  # RunConfig.replace() sections (and top-level fields)
     name: str | None = None
     runs_dir: str | None = None
     sweep: tuple[str, ...] = ()  # "KEY=V1,V2" specs
@@ -156,14 +160,17 @@ def add_layout_flags(parser: argparse.ArgumentParser, *, gpus_default: int | Non
     add_profile_flags(parser)
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """RunConfig.replace() sections for every run flag given on the command line."""
-    sections: dict[str, dict[str, Any]] = {}
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """RunConfig.replace() sections (and top-level fields) for every run flag given on the command line."""
+    sections: dict[str, Any] = {}
     fields = {flag: (section, name) for flag, (section, name, _) in RUN_FLAGS.items()} | SWITCHES
     for flag, (section, name) in fields.items():
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
-            sections.setdefault(section, {})[name] = value
+            if section:
+                sections.setdefault(section, {})[name] = value
+            else:
+                sections[name] = value
     return sections
 
 
@@ -173,7 +180,7 @@ def request_from_args(args: argparse.Namespace, *, mode: str | None = None) -> L
         pair=args.pair,
         sender=args.sender,
         receiver=args.receiver,
-        gpus=args.gpus,
+        gpus=args.gpus if args.gpus is not None else 1,
         backend=args.backend or "ddp",
         mode=mode or getattr(args, "mode", None) or "slurm",
         global_batch=args.global_batch,

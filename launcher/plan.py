@@ -277,10 +277,12 @@ def run_config(
     request: LaunchRequest, pair: Pair, run_dir: Path, name: str, overrides: dict[str, Any] | None = None
 ) -> RunConfig:
     """The RunConfig a request (plus one sweep task's overrides) asks for; defaults from telepathy/config.py."""
-    sections = {k: dict(v) for k, v in request.overrides.items()}
+    sections = {k: dict(v) if isinstance(v, dict) else v for k, v in request.overrides.items()}
     for key, value in (overrides or {}).items():
         if isinstance(value, dict):
             sections.setdefault(key, {}).update(value)
+        elif key != PAIR_KEY:  # a top-level field (method); the pair is resolved by the caller
+            sections[key] = value
     if request.mode == "debug":  # a few steps to see everything run end to end
         sections.setdefault("train", {}).setdefault("steps", 20)
         sections.setdefault("data", {}).setdefault("eval_samples", 32)

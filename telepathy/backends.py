@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import math
@@ -148,6 +149,11 @@ class Wrapped:
 
     # ------------------------------------------------------------------ after training
 
+    def release_optimizer(self) -> None:
+        """Drop the optimizer and schedule (AdamW's moments: twice the trained weights in fp32) before
+        evaluation, which needs neither."""
+        self.optimizer = self.scheduler = None
+
     def local_model(
         self, bridge_state: dict[str, torch.Tensor], rebuild: Callable[[], TelepathyModel]
     ) -> TelepathyModel:
@@ -200,7 +206,12 @@ class FSDPWrapped(Wrapped):
         return contextlib.nullcontext()
 
     def local_model(self, bridge_state, rebuild):
-        # Sharded frozen weights cannot run on one rank: rank 0 loads an unsharded copy.
+        # Sharded frozen weights cannot run on one rank: rank 0 loads an unsharded copy, after letting go of
+        # the sharded one (the caller holds no other reference to it), so the two are never resident together.
+        self.model = self.bridge = self.optimizer = self.scheduler = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         model = rebuild()
         model.bridge.load_state_dict(bridge_state)
         return model
@@ -303,10 +314,12 @@ class DeepSpeedWrapped(Wrapped):
         return False
 
     def local_model(self, bridge_state, rebuild):
+        # the engine holds ZeRO's fp32 partitions and moments: it goes once the bridge is moved out of it
         bridge = self._skeleton.to_empty(device=next(self.model.receiver.parameters()).device)
         bridge.load_state_dict(bridge_state)
         self.model.bridge = bridge
-        return self.model
+        model, self.model, self.engine = self.model, None, None
+        return model
 
 
 def import_deepspeed():

@@ -22,8 +22,41 @@ ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
 # Compute precision: frozen models and the bridge's forward/backward (the bridge's master weights, gradients
 # and AdamW state are always fp32). "auto": bf16 where the hardware runs it natively, else fp32.
 PRECISIONS = ("auto", "bf16", "fp32")
-# Evaluation methods besides the bridge itself (telepathy/evaluate.py).
-BASELINES = ("receiver", "sender", "text_relay")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of a results table: what it trains, whether its result depends on the seed, and what it is."""
+
+    name: str
+    trains: bool  # fitted on the train split (its own run folder, checkpoints); else evaluation only
+    seeded: bool  # the seed changes its result; deterministic methods run once per pair and task
+    what: str
+
+
+# The one table of method names: a recipe, `--method` and `--baselines` name these (telepathy/evaluate.py,
+# telepathy/train.py implement them).
+METHODS = {
+    m.name: m
+    for m in (
+        Method(
+            "bridge", True, True, "sender states at the tapped layer -> trained bridge -> K soft tokens -> receiver"
+        ),
+        Method("prompt_tuning", True, True, "K trained soft tokens after the task prompt, on the receiver alone"),
+        Method("lora", True, True, "LoRA (PEFT, rank 8, q/v projections) on the receiver reading the task prompt"),
+        Method("linear_probe", True, False, "logistic regression on mean-pooled sender states at the tapped layer"),
+        Method("receiver", False, False, "the receiver with the primer only: never sees the text (the floor)"),
+        Method("receiver_zero_shot", False, False, "the receiver reads the text with the task prompt"),
+        Method("sender_zero_shot", False, False, "the full sender reads the text with the task prompt"),
+        Method("receiver_k_shot", False, True, "the receiver reads k balanced labelled examples, then the text"),
+        Method("text_relay", False, False, "the sender writes a summary, the receiver reads it with the task prompt"),
+    )
+}
+TRAINED = tuple(m for m, spec in METHODS.items() if spec.trains)
+# Evaluation-only methods: a run's own method, or evaluated beside it (`eval.baselines`) on the same examples.
+BASELINES = tuple(m for m, spec in METHODS.items() if not spec.trains)
+# Methods that need the full sender causal LM (its later layers and LM head) at evaluation.
+FULL_SENDER = ("sender_zero_shot", "text_relay")
 
 
 def check_backend(backend: str, *, single_model: bool = False, world_size: int = 2) -> None:
@@ -93,10 +126,11 @@ class DataConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     max_new_tokens: int = 10
-    baselines: tuple[str, ...] = ("receiver", "sender", "text_relay")
+    baselines: tuple[str, ...] = ("receiver", "sender_zero_shot", "text_relay")
     relay_tokens: int = 50  # what the sender writes for the text-relay baseline
     latency_samples: int = 20
     batch_size: int = 16
+    k_shot: int = 5  # labelled examples in receiver_k_shot's prompt, balanced over the classes, seeded
 
 
 @dataclass(frozen=True)
@@ -111,9 +145,19 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     name: str = "run"
     predicted_peak_gib: float | None = None  # the planner's memory estimate, logged beside measurements
+    method: str = "bridge"  # what this run trains or evaluates (a name in METHODS)
 
     def __post_init__(self):
         check_backend(self.backend)
+        if self.method not in METHODS:
+            raise UserError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}")
+        if self.method != "bridge" and self.backend != "ddp":
+            raise UserError(
+                f"method {self.method} runs on the ddp backend only (what it trains is small and its model fits "
+                f"one GPU); drop --backend {self.backend}"
+            )
+        if self.method != "bridge" and self.train.sender_cache:
+            raise UserError(f"train.sender_cache feeds the bridge only; turn it off for method {self.method}")
         t = self.train
         for k in ("steps", "micro_batch", "grad_accum", "keep_checkpoints", "checkpoint_every", "log_every"):
             if getattr(t, k) < 1:
@@ -139,7 +183,7 @@ class RunConfig:
         unknown = [m for m in e.baselines if m not in BASELINES]
         if unknown:
             raise UserError(f"unknown baseline '{unknown[0]}'; use any of {', '.join(BASELINES)} (comma-separated)")
-        for k in ("max_new_tokens", "relay_tokens", "batch_size"):
+        for k in ("max_new_tokens", "relay_tokens", "batch_size", "k_shot"):
             if getattr(e, k) < 1:
                 raise UserError(f"eval.{k} must be >= 1 (got {getattr(e, k)})")
         if e.latency_samples < 0:

@@ -14,11 +14,12 @@ Bad input is a one-line UserError naming the file and line.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 import re
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ class Example:
     text: str  # what fills {text} in the sender prompt (cut first when the prompt is too long)
     label: int  # index into TaskSpec.labels
     extra: dict[str, str] = field(default_factory=dict, hash=False)  # other prompt fields: {question} for BoolQ
+    # Its position in the split as read (before any sample limit): the id paired tests match examples by.
+    id: int = field(default=-1, compare=False)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,23 @@ class TaskSpec:
     synonyms: dict[str, tuple[str, ...]] = field(default_factory=dict)  # label word -> also accepted words
     max_length: int | None = None  # the task's usual sender length (the original's), for the launcher
     answer_length: int | None = None  # receiver answer tokens its longest label needs (with EOS), if above 16
+    # Text relay: what the sender is asked to write ({text}), and what the receiver reads ({summary}); without a
+    # reader the receiver reads the task prompt around the summary, so it sees the same question and labels as
+    # receiver_zero_shot (the original's reader gave it only the primer, one reason its relay scored below chance).
+    relay_prompt: str = "Summarize this in one sentence:\n\n{text}\n\nSummary:"
+    relay_reader: str | None = None
+    sizes: dict[str, int] = field(default_factory=dict)  # "train"/"eval" -> examples, for cost estimates
+
+    def relay_text(self, summary: str) -> str:
+        """What the receiver reads in the text relay."""
+        if self.relay_reader is None:
+            return self.sender_text(summary)
+        return self.relay_reader.replace("{summary}", summary).replace("{primer}", self.primer)
+
+    def k_shot_text(self, demos: Sequence[Example], example: Example) -> str:
+        """receiver_k_shot's prompt: each demonstration's prompt and answer, then the example's prompt."""
+        shots = "".join(self.sender_text(d.text, d.extra) + self.answer_text(d.label) + "\n\n" for d in demos)
+        return shots + self.sender_text(example.text, example.extra)
 
     def sender_text(self, text: str, extra: dict[str, str] | None = None) -> str:
         """The prompt around one example (str.replace, not str.format: texts contain braces)."""
@@ -126,6 +146,15 @@ def load_spec(task: str) -> TaskSpec:
             raise UserError(f"{path}: {key} needs exactly a 'train' and an 'eval' entry (got {got})")
     if "{text}" not in raw["prompt"]:
         raise UserError(f"{path}: prompt must contain {{text}} (where the example's text goes)")
+    if "relay_prompt" in raw and "{text}" not in str(raw["relay_prompt"]):
+        raise UserError(f"{path}: relay_prompt must contain {{text}} (what the sender summarises)")
+    if raw.get("relay_reader") is not None and "{summary}" not in str(raw["relay_reader"]):
+        raise UserError(f"{path}: relay_reader must contain {{summary}} (what the sender wrote)")
+    sizes = raw.get("sizes") or {}
+    if not isinstance(sizes, dict) or any(
+        k not in ("train", "eval") or not isinstance(v, int) for k, v in sizes.items()
+    ):
+        raise UserError(f"{path}: sizes must map train and eval to example counts, e.g. {{train: 5452, eval: 500}}")
     known = {f.name for f in TaskSpec.__dataclass_fields__.values()} - {"name"}
     unknown = set(raw) - known
     if unknown:
@@ -292,11 +321,43 @@ def _check_class_names(spec: TaskSpec, schema, where: str) -> None:
 
 
 def _subset(examples: list[Example], n: int | None) -> list[Example]:
-    """n examples picked by a fixed shuffle (a sorted split's first n would be one class)."""
+    """n examples picked by a fixed shuffle (a sorted split's first n would be one class), the same for every
+    run and seed, each with its position in the split as its id (what paired tests match)."""
     if n is None or n >= len(examples):
-        return examples
-    picked = sorted(random.Random(_SUBSET_SEED).sample(range(len(examples)), n))
-    return [examples[i] for i in picked]
+        picked = range(len(examples))
+    else:
+        picked = sorted(random.Random(_SUBSET_SEED).sample(range(len(examples)), n))
+    return [dataclasses.replace(examples[i], id=i) for i in picked]
+
+
+def split_size(spec: TaskSpec, split: str) -> int | None:
+    """Examples in a split without reading a hub dataset: the spec's `sizes`, or the lines of a local file."""
+    if split in spec.sizes:
+        return spec.sizes[split]
+    path = spec.files.get(split)
+    if path and Path(path).is_file():
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip()) - (Path(path).suffix == ".csv")
+    return None
+
+
+def k_shot_demos(train: Sequence[Example], n_labels: int, k: int, seed: int) -> list[Example]:
+    """k labelled training examples for receiver_k_shot, balanced over the classes (round-robin over the
+    classes in a seeded order, a seeded pick within each), in a seeded order: the seed is the only choice."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, e in enumerate(train):
+        by_class.setdefault(e.label, []).append(i)
+    classes = [c for c in range(n_labels) if c in by_class]
+    rng.shuffle(classes)
+    pools = {c: rng.sample(by_class[c], len(by_class[c])) for c in classes}
+    picked: list[int] = []
+    while len(picked) < k and any(pools.values()):
+        for c in classes:
+            if pools[c] and len(picked) < k:
+                picked.append(pools[c].pop())
+    rng.shuffle(picked)
+    return [train[i] for i in picked]
 
 
 def _sibling_eval(path: Path) -> Path | None:
@@ -355,17 +416,52 @@ def load_task(data_cfg: DataConfig) -> Task:
 # ---------------------------------------------------------------- batches
 
 
+class PromptTokenizer:
+    """Token ids of a prompt template around each text (one batched tokenizer call), with the tokenizer's own
+    special tokens (BOS for Llama/Mistral), cut to max_length by cutting the TEXT: what follows it in the
+    template (the question, the label list) always survives."""
+
+    def __init__(self, tok, max_length: int):
+        self.tok, self.max_length = tok, max_length
+        self._tails: dict[str, list[int]] = {}  # token ids of what follows the text, per distinct tail
+
+    def tail(self, tail: str) -> list[int]:
+        if tail not in self._tails:
+            self._tails[tail] = self.tok(tail, add_special_tokens=False).input_ids
+        return self._tails[tail]
+
+    def rows(
+        self, template: Callable[[str, dict[str, str]], str], texts: Sequence[str], extras: Sequence[dict] | None = None
+    ) -> list[list[int]]:
+        """`template(text, extra)` -> the prompt string; its token ids per text, at most max_length."""
+        extras = extras or [{}] * len(texts)
+        rows = self.tok([template(t, x) for t, x in zip(texts, extras)]).input_ids
+        out = []
+        for ids, text, extra in zip(rows, texts, extras):
+            if len(ids) > self.max_length:
+                head, _, tail = template("\0", extra).partition("\0")
+                tail_ids = self.tail(tail)
+                ids = self.tok(head + text).input_ids[: max(0, self.max_length - len(tail_ids))] + tail_ids
+                ids = ids[-self.max_length :] if len(ids) > self.max_length else ids
+            out.append(ids)
+        return out
+
+
 class Collator:
     """Examples -> Batch, padded to the longest example in the batch (never to max_length).
 
-    Sender input: the task prompt around the text, with the tokenizer's own special tokens (BOS for
-    Llama/Mistral), truncated to max_length tokens by cutting the TEXT so the prompt's question survives.
-    Receiver: primer (with the receiver tokenizer's special tokens, i.e. BOS where it has one) and the
-    answer " {label}" + EOS, right-padded.
+    Sender input (`reads="sender"`: the bridge): the task prompt around the text, cut to max_length tokens by
+    cutting the TEXT so the prompt's question survives (PromptTokenizer). Receiver: the primer (with the
+    receiver tokenizer's special tokens, i.e. BOS where it has one) and the answer " {label}" + EOS,
+    right-padded. `reads="receiver"` (prompt tuning, LoRA: no sender): the receiver reads the task prompt
+    around the text instead of the primer, left-padded so every row's answer starts at the same position.
     """
 
-    def __init__(self, spec: TaskSpec, sender_tok, receiver_tok, max_length: int, answer_length: int):
+    def __init__(
+        self, spec: TaskSpec, sender_tok, receiver_tok, max_length: int, answer_length: int, reads: str = "sender"
+    ):
         self.spec, self.sender_tok, self.receiver_tok, self.max_length = spec, sender_tok, receiver_tok, max_length
+        self.reads = reads
         self.primer_ids = receiver_tok(spec.primer).input_ids
         self.answers = [
             receiver_tok(spec.answer_text(i), add_special_tokens=False).input_ids + [receiver_tok.eos_token_id]
@@ -377,53 +473,60 @@ class Collator:
                 f"label '{spec.labels[self.answers.index(longest)]}' needs {len(longest)} answer tokens "
                 f"(with EOS) but answer_length is {answer_length}; raise data.answer_length"
             )
-        self._tails: dict[str, list[int]] = {}  # token ids of what follows {text}, per distinct tail
+        self.sender = PromptTokenizer(sender_tok, max_length)
+        self.receiver = PromptTokenizer(receiver_tok, max_length)
         _, _, tail = spec.prompt.partition("{text}")
-        if len(self._tail(tail)) >= max_length:
-            n = len(self._tail(tail))
-            raise UserError(f"the prompt after {{text}} alone is {n} tokens; raise max_length above it")
+        for side in (self.sender, self.receiver) if reads == "receiver" else (self.sender,):
+            if len(side.tail(tail)) >= max_length:
+                n = len(side.tail(tail))
+                raise UserError(f"the prompt after {{text}} alone is {n} tokens; raise max_length above it")
 
-    def _tail(self, tail: str) -> list[int]:
-        if tail not in self._tails:
-            self._tails[tail] = self.sender_tok(tail, add_special_tokens=False).input_ids
-        return self._tails[tail]
+    def label_ids(self, tok) -> list[list[int]]:
+        """Each label word's tokens as the answer starts (" {label}", no EOS): what label scoring scores."""
+        return [tok(self.spec.answer_text(i), add_special_tokens=False).input_ids for i in range(len(self.spec.labels))]
 
     def sender_ids(self, text: str) -> list[int]:
         return self.sender_batch([text])[0]
 
     def sender_batch(self, texts: Sequence[str], extras: Sequence[dict[str, str]] | None = None) -> list[list[int]]:
-        """Sender token ids per text (one batched tokenizer call), truncated to max_length by cutting the text:
-        what follows it in the prompt (the question, the label list) always survives."""
-        extras = extras or [{}] * len(texts)
-        rows = self.sender_tok([self.spec.sender_text(t, x) for t, x in zip(texts, extras)]).input_ids
-        out = []
-        for ids, text, extra in zip(rows, texts, extras):
-            if len(ids) > self.max_length:
-                head, _, tail = self.spec.sender_text("\0", extra).partition("\0")
-                tail_ids = self._tail(tail)
-                ids = self.sender_tok(head + text).input_ids[: max(0, self.max_length - len(tail_ids))] + tail_ids
-                ids = ids[-self.max_length :] if len(ids) > self.max_length else ids
-            out.append(ids)
-        return out
+        """Sender token ids of the task prompt per text (PromptTokenizer.rows)."""
+        return self.sender.rows(self.spec.sender_text, texts, extras)
 
     def sender_examples(self, examples: Sequence[Example]) -> list[list[int]]:
         return self.sender_batch([e.text for e in examples], [e.extra for e in examples])
 
-    def tokenize(self, examples: Sequence[Example], chunk: int = 8192) -> TokenRows:
-        """Every example's sender ids, compactly (a split is tokenised once per run: the sampler's lengths,
-        the sender cache's key and every batch come from these rows)."""
-        return TokenRows(
-            row for i in range(0, len(examples), chunk) for row in self.sender_examples(examples[i : i + chunk])
-        )
+    def receiver_examples(self, examples: Sequence[Example]) -> list[list[int]]:
+        """Receiver token ids of the task prompt per example (receiver_zero_shot, prompt tuning, LoRA)."""
+        return self.receiver.rows(self.spec.sender_text, [e.text for e in examples], [e.extra for e in examples])
 
-    def batch(self, sender_rows: Sequence[Sequence[int]], labels: Sequence[int]):
-        """A Batch from sender ids (sender_batch or tokenize rows) and label indices."""
+    def rows(self, examples: Sequence[Example]) -> list[list[int]]:
+        """What the trained part reads, per example: sender ids, or receiver ids (reads="receiver")."""
+        return self.receiver_examples(examples) if self.reads == "receiver" else self.sender_examples(examples)
+
+    def tokenize(self, examples: Sequence[Example], chunk: int = 8192) -> TokenRows:
+        """Every example's rows, compactly (a split is tokenised once per run: the sampler's lengths, the
+        sender cache's key and every batch come from these rows)."""
+        return TokenRows(row for i in range(0, len(examples), chunk) for row in self.rows(examples[i : i + chunk]))
+
+    def batch(self, rows: Sequence[Sequence[int]], labels: Sequence[int]):
+        """A Batch from rows (`rows` or `tokenize`) and label indices."""
         import torch  # noqa: PLC0415  (the launcher imports this module: torch only for batches)
 
         from telepathy.step import Batch  # noqa: PLC0415  (step imports torch)
 
-        sender_ids, sender_mask = _pad(sender_rows, self.sender_tok.pad_token_id)
         answer_ids, answer_mask = _pad([self.answers[label] for label in labels], self.receiver_tok.pad_token_id)
+        if self.reads == "receiver":
+            primer, primer_mask = _pad(rows, self.receiver_tok.pad_token_id, left=True)
+            return Batch(
+                sender_ids=None,
+                sender_mask=None,
+                primer_ids=primer,
+                answer_ids=answer_ids,
+                answer_mask=answer_mask,
+                primer_mask=primer_mask,
+                labels=torch.tensor(list(labels), dtype=torch.long),
+            )
+        sender_ids, sender_mask = _pad(rows, self.sender_tok.pad_token_id)
         primer = torch.tensor(self.primer_ids, dtype=torch.long).expand(len(labels), -1).contiguous()
         return Batch(
             sender_ids=sender_ids,
@@ -435,7 +538,7 @@ class Collator:
         )
 
     def __call__(self, examples: Sequence[Example]):
-        return self.batch(self.sender_examples(examples), [e.label for e in examples])
+        return self.batch(self.rows(examples), [e.label for e in examples])
 
 
 class TokenRows(Sequence):
@@ -465,13 +568,16 @@ class TokenRows(Sequence):
         return (self.offsets[1:] - self.offsets[:-1]).tolist()
 
 
-def _pad(rows: list[list[int]], pad_id: int):
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False):
+    """(ids, mask) padded to the longest row: on the right, or on the left (the rows' ends aligned)."""
     import torch  # noqa: PLC0415  (the launcher imports this module: torch only for batches)
 
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+        if len(r):
+            span = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, span] = torch.as_tensor(r, dtype=torch.long)
+            mask[i, span] = 1
     return ids, mask

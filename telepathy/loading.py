@@ -9,10 +9,12 @@ holds identical weights; real models come from `from_pretrained` (hub id or loca
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
 import zlib
+from collections.abc import Iterable
 
 import psutil
 import torch
@@ -216,8 +218,12 @@ def seeded_init_(model: nn.Module, seed: int, namespace: str = "") -> None:
     the first layers of the full model, and two architectures (namespaces) never share weights.
     Matrices normal(0, 0.02) as transformers does, except the vocabulary matrices (see _VOCAB_MATRICES);
     norm weights 1, biases 0."""
+    _seeded_fill_(model.named_parameters(), seed, namespace)
+
+
+def _seeded_fill_(named: Iterable[tuple[str, nn.Parameter]], seed: int, namespace: str) -> None:
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in named:
             key = f"{namespace}/{name.removeprefix('model.')}"
             if p.dim() == 1:
                 p.fill_(1.0 if key.endswith("norm.weight") else 0.0)
@@ -286,6 +292,88 @@ def load_model(
         model.norm = nn.Identity()
     model.requires_grad_(False)
     return model.eval()
+
+
+def complete_model(spec: ModelSpec, body: nn.Module, *, device: torch.device | str, seed: int = 0) -> nn.Module:
+    """The full causal LM of `spec` around `body` (load_model(spec, num_layers=n): its embedding and first n
+    layers) without a second copy of them: the body's modules are reused, and only the later layers, the
+    final norm and the LM head are created, from the same seeded init for random-weight models (so the
+    result equals a full build) or read from the checkpoint's safetensors (only the tensors they need)."""
+    device = torch.device(device)
+    n = len(body.layers)
+    attn = body.config._attn_implementation
+    if spec.weights == "random":
+        config = build_hf_config(spec, attn_implementation=attn)
+    else:
+        with _readable(spec):
+            config = AutoConfig.from_pretrained(spec.source, revision=_revision(spec), attn_implementation=attn)
+    with torch.device("meta"):
+        full = _model_class(spec, body=False)._from_config(config, dtype=body.embed_tokens.weight.dtype)
+    decoder = full.model
+    decoder.embed_tokens, decoder.rotary_emb = body.embed_tokens, body.rotary_emb
+    for i in range(n):
+        decoder.layers[i] = body.layers[i]
+    new = list(decoder.layers)[n:]
+    if n == spec.layers:
+        decoder.norm = body.norm  # the body ends with the real final norm when it has every layer
+    else:
+        new.append(decoder.norm)
+    if spec.tied_embeddings:
+        full.lm_head.weight = decoder.embed_tokens.weight
+    else:
+        new.append(full.lm_head)
+    for module in new:
+        module.to_empty(device=device, recurse=True)
+    shared = {id(p) for p in body.parameters()}
+    missing = [(name, p) for name, p in full.named_parameters() if id(p) not in shared]
+    if spec.weights == "random":
+        _seeded_fill_(missing, seed, spec.arch_key)
+    else:
+        _read_tensors(spec, dict(missing))
+        with contextlib.suppress(OSError), _quiet_if(True):  # the checkpoint's EOS ids (greedy() unions them)
+            full.generation_config = GenerationConfig.from_pretrained(spec.source, revision=_revision(spec))
+    full.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
+    full.requires_grad_(False)
+    return full.eval()
+
+
+def _read_tensors(spec: ModelSpec, params: dict[str, nn.Parameter]) -> None:
+    """Fill `params` (checkpoint names) from the model's safetensors files, opening only the shards that
+    hold them (in the Hugging Face cache or the local folder: from_pretrained read them moments before)."""
+    from safetensors import safe_open  # noqa: PLC0415  (only when a model is completed from its checkpoint)
+
+    def local(filename: str) -> str | None:
+        if spec.path:
+            path = os.path.join(spec.path, filename)
+            return path if os.path.isfile(path) else None
+        from huggingface_hub import hf_hub_download  # noqa: PLC0415
+        from huggingface_hub.errors import EntryNotFoundError  # noqa: PLC0415
+
+        with _readable(spec):
+            try:
+                return hf_hub_download(spec.hub_id, filename, revision=spec.revision)
+            except EntryNotFoundError:
+                return None
+
+    index = local("model.safetensors.index.json")
+    if index is not None:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    else:
+        weight_map = dict.fromkeys(params, "model.safetensors")
+    by_file: dict[str, list[str]] = {}
+    for name in params:
+        if name not in weight_map:
+            raise UserError(f"{spec.source}: the checkpoint has no tensor {name}; is it a {spec.hf_class}?")
+        by_file.setdefault(weight_map[name], []).append(name)
+    with torch.no_grad():
+        for filename, names in by_file.items():
+            path = local(filename)
+            if path is None:
+                raise UserError(f"{spec.source}: {filename} is missing; run `launch prefetch --model {spec.alias}`")
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in names:
+                    params[name].copy_(f.get_tensor(name))
 
 
 def _revision(spec: ModelSpec) -> str | None:

@@ -194,6 +194,36 @@ def finish(run_dir: str | Path, state: str, error: BaseException | None = None) 
     return manifest
 
 
+def record_cost(run_dir: str | Path, seconds: dict[str, float], wall_s: float, device: str, devices: int) -> dict:
+    """This attempt's wall seconds per phase (load, cache, train, eval), and the run's totals over all its
+    attempts: seconds and device-seconds (wall x the devices the job holds: GPU-seconds on GPUs,
+    CPU-process-seconds on CPUs), what `launch report` sums per method."""
+    run_dir = RunDir(run_dir)
+    manifest = _read_json(run_dir.manifest) or {"schema": SCHEMA, "attempts": [_attempt()]}
+    cost = {
+        "device": device,
+        "devices": devices,
+        "wall_s": round(wall_s, 3),
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "device_seconds": {k: round(v * devices, 3) for k, v in seconds.items()},
+    }
+    attempts = manifest.setdefault("attempts", [_attempt()])
+    attempts[-1]["cost"] = cost
+    costs = [a["cost"] for a in attempts if "cost" in a]
+    manifest["cost"] = {
+        "device": device,
+        "devices": devices,
+        "attempts": len(costs),
+        "wall_s": round(sum(c["wall_s"] for c in costs), 3),
+        **{
+            key: {k: round(sum(c[key].get(k, 0.0) for c in costs), 3) for k in seconds}
+            for key in ("seconds", "device_seconds")
+        },
+    }
+    _write(run_dir, manifest)
+    return manifest
+
+
 @contextmanager
 def recorded(cfg: RunConfig, enabled: bool = True, preempted: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """`with manifest.recorded(cfg, enabled=rank == 0):` around a run: start, then completed / failed, or

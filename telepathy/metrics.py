@@ -66,14 +66,20 @@ def read_metrics(run_dir: str | Path | RunDir) -> list[dict[str, Any]]:
     return records
 
 
+def _percent(x: float | None) -> float | None:
+    return None if x is None else 100.0 * x
+
+
 def method_results(ev: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{method: {"accuracy": %, "latency_ms": median ms or None, "unmatched": n}} for the bridge and each
-    baseline of an evaluation (telepathy/evaluate.py: accuracy as a fraction, latency per method)."""
+    """{method: {"accuracy": %, "scored_accuracy": %, "latency_ms": median ms or None, "unmatched": n}} for
+    every method of an evaluation (telepathy/evaluate.py: accuracies as fractions, None where a method does
+    not generate, latency per method)."""
     out: dict[str, dict[str, Any]] = {}
     for name, r in ev.get("methods", {}).items():
         lat = ev.get("latency_ms", {}).get(name)
         out[name] = {
-            "accuracy": 100.0 * r["accuracy"],
+            "accuracy": _percent(r["accuracy"]),
+            "scored_accuracy": _percent(r.get("scored_accuracy")),
             "latency_ms": lat["median"] if lat else None,
             "unmatched": r.get("unmatched"),
         }
@@ -81,14 +87,16 @@ def method_results(ev: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def eval_record(ev: dict[str, Any], step: int) -> dict[str, Any]:
-    """The metrics record of an evaluation (accuracy %, latency ms per method): written after the evaluation
-    file, so TensorBoard shows it beside the training curves."""
+    """The metrics record of an evaluation (accuracies %, latency ms per method): written after the
+    evaluation file, so TensorBoard shows it beside the training curves."""
     res = method_results(ev)
     return {
         "kind": "eval",
         "step": step,
-        "accuracy": {m: r["accuracy"] for m, r in res.items()},
-        "latency_ms": {m: r["latency_ms"] for m, r in res.items() if r["latency_ms"] is not None},
+        **{
+            key: {m: r[key] for m, r in res.items() if r[key] is not None}
+            for key in ("accuracy", "scored_accuracy", "latency_ms")
+        },
     }
 
 

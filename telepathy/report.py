@@ -2,6 +2,8 @@
 
 One run (a folder with config.json): PNG plots of the loss, throughput and memory (the planner's prediction
 beside what was measured) from metrics.jsonl, and the evaluation table (Markdown + CSV) from eval.json.
+A recipe's folder (recipe.json, `launch --recipe`): the paper's Table 1 from the runs' predictions, with
+intervals, paired tests and flags (telepathy/results.py computes it; here it is rendered).
 A sweep (a folder of run folders): one table with a row per configuration (the fields that differ between
 runs, seeds aside) and mean ± std over seeds for the bridge and every baseline, accuracy and latency, as the
 original paper's Table 1; a PNG of accuracy per configuration; and the runs that have no eval.json yet.
@@ -66,8 +68,11 @@ class Report:
     states: dict[str, str] = field(default_factory=dict)  # how each missing run stands (its manifest)
     notes: list[str] = field(default_factory=list)
     table: Path | None = None  # the Markdown table to print (a run's evaluation, a sweep's summary)
+    recipe: dict[str, Any] | None = None  # a recipe folder's table (telepathy.results.compute)
 
     def to_dict(self) -> dict[str, Any]:
+        if self.recipe is not None:  # its own stable schema (results.SCHEMA), with the files written
+            return self.recipe
         return {
             "schema": SCHEMA,
             "kind": self.kind,
@@ -333,16 +338,17 @@ def report_run(path: Path, out: Path) -> Report:
         rep.rows.append({"method": method, **r})
     n, labels = run.eval.get("n"), run.eval.get("labels") or []
     title = f"task {run.eval.get('task')}: n={n}" + (f", chance {100 / len(labels):.1f}%" if labels else "")
-    rows = [[r["method"], _num(r["accuracy"]), str(r["unmatched"]), _num(r["latency_ms"])] for r in rep.rows]
-    atomic_write_text(
-        out / "eval.md",
-        f"{title}\n\n" + markdown(["method", "accuracy (%)", "unmatched", "latency (ms, median)"], rows),
-    )
+    rows = [
+        [r["method"], _num(r["accuracy"]), _num(r["scored_accuracy"]), str(r["unmatched"]), _num(r["latency_ms"])]
+        for r in rep.rows
+    ]
+    header = ["method", "accuracy (%)", "scored (%)", "unmatched", "latency (ms, median)"]
+    atomic_write_text(out / "eval.md", f"{title}\n\n" + markdown(header, rows))
     atomic_write_text(
         out / "eval.csv",
         csv_text(
-            ["method", "accuracy", "unmatched", "latency_ms"],
-            [[r["method"], r["accuracy"], r["unmatched"], r["latency_ms"]] for r in rep.rows],
+            ["method", "accuracy", "scored_accuracy", "unmatched", "latency_ms"],
+            [[r["method"], r["accuracy"], r["scored_accuracy"], r["unmatched"], r["latency_ms"]] for r in rep.rows],
         ),
     )
     rep.written += [out / "eval.md", out / "eval.csv"]
@@ -461,10 +467,243 @@ def report_sweep(path: Path, out: Path) -> Report:
     return rep
 
 
+# ---- a recipe ----------------------------------------------------------------------------------------
+
+
+def _cell_text(cell: dict[str, Any] | None) -> str:
+    if not cell or cell["mean"] is None:
+        return "–"
+    text = f"{cell['mean']:.1f}" if cell["std"] is None else f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+    note = "deterministic" if cell["deterministic"] else f"n={cell['n']}"
+    marks = ("†" if cell["fallback"] else "") + ("⚠" if cell["flags"] else "")
+    return f"{text} ({note}){marks}"
+
+
+def _interval_text(cell: dict[str, Any] | None) -> str:
+    if not cell or cell["interval"] is None:
+        return "–"
+    lo, hi = cell["interval"]
+    return f"[{lo:.1f}, {hi:.1f}] {'Wilson' if cell['interval_kind'] == 'wilson' else 't, seeds'}"
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def recipe_markdown(t: dict[str, Any]) -> str:
+    """The Table-1 report of a recipe folder (results.compute) as Markdown."""
+    cells = {(c["reading"], c["pair"], c["row"], c["task"]): c for c in t["cells"]}
+    tasks = t["tasks"]
+    out = [f"# {t['recipe'] or Path(t['path']).name}: methods x tasks", ""]
+    examples = ", ".join(f"{task} {n}" for task, n in t["eval_examples"].items())
+    out.append(f"Eval examples per task (the same for every method): {examples}.")
+    out.append(
+        "Cells: accuracy (%) mean ± sample std over seeds (n = seeds); deterministic methods run once. "
+        "† the linear probe: its classifier (it does not generate). ⚠ seeds disagree or split (see Flags)."
+    )
+    titles = {"generated": "accuracy by generation", "scored": "accuracy by label scoring"}
+    for reading in t["readings"]:
+        for pair in t["pairs"]:
+            rows = [r for r in t["rows"] if any((reading, pair, r, task) in cells for task in tasks)]
+            out += ["", f"## {pair}: {titles[reading]}", ""]
+            out.append(
+                markdown(
+                    ["method", *tasks],
+                    [[r] + [_cell_text(cells.get((reading, pair, r, k))) for k in tasks] for r in rows],
+                ).rstrip()
+            )
+            out += ["", "95% intervals: over seeds (t), or Wilson for one run:", ""]
+            out.append(
+                markdown(
+                    ["method", *tasks],
+                    [[r] + [_interval_text(cells.get((reading, pair, r, k))) for k in tasks] for r in rows],
+                ).rstrip()
+            )
+    for reading in t["readings"]:
+        tests = [x for x in t["tests"] if x["reading"] == reading]
+        out += ["", f"## Paired tests, {titles[reading]}: bridge vs each baseline", ""]
+        if not tests:
+            out.append("No bridge runs with a baseline on the same examples.")
+            continue
+        out.append(
+            f"Exact McNemar (two-sided binomial on the discordant examples), {t['correction']} correction over "
+            f"the {len(tests)} tests of this table, α = {t['alpha']}."
+        )
+        out.append("")
+        header = [
+            "task",
+            "bridge",
+            "baseline",
+            "seed",
+            "n",
+            "bridge only",
+            "baseline only",
+            "bridge %",
+            "baseline %",
+            "p",
+            "p (Holm)",
+            "",
+        ]
+        body = [
+            [
+                x["task"],
+                x["bridge"],
+                x["baseline"],
+                str(x["seed"]) + ("" if x["baseline_seed"] == x["seed"] else f" ({x['baseline_seed']})"),
+                str(x["n"]),
+                str(x["bridge_only"]),
+                str(x["baseline_only"]),
+                f"{x['bridge_accuracy']:.1f}",
+                f"{x['baseline_accuracy']:.1f}",
+                _p(x["p"]),
+                _p(x["p_holm"]),
+                f"{x['better']} better" if x["significant"] else "",
+            ]
+            for x in tests
+        ]
+        out.append(markdown(header, body).rstrip())
+    flagged = [c for c in t["cells"] if c["flags"] and c["reading"] == "generated"]
+    out += ["", "## Flags", ""]
+    if flagged:
+        out += [
+            f"- {c['task']} / {c['row']} (seeds {', '.join(map(str, c['seeds']))}: "
+            + ", ".join(f"{v:.1f}" for v in c["values"])
+            + f"): {'; '.join(c['flags'])}"
+            for c in flagged
+        ]
+        out.append(f"\n`launch report {t['path']} --extra-seeds` prints the runs that add seeds to these cells.")
+    else:
+        th = t["thresholds"]
+        out.append(
+            f"None: no cell's seeds span more than {th['spread_pp']:g} pp or split by a gap over {th['gap_pp']:g} pp."
+        )
+    out += ["", "## Runs", ""]
+    body = []
+    for r in t["runs"]:
+        g, s = r["generated"], r["scored"]
+        body.append(
+            [r["run"], r["row"], r["task"], str(r["seed"])]
+            + [
+                f"{x['accuracy']:.1f} [{x['wilson'][0]:.1f}, {x['wilson'][1]:.1f}] of {x['n']}" if x else "–"
+                for x in (g, s)
+            ]
+        )
+    out.append(
+        markdown(["run", "method", "task", "seed", "generated (Wilson 95%)", "scored (Wilson 95%)"], body).rstrip()
+    )
+    if t["cost"]:
+        unit = "GPU" if t["cost"][0].get("device") == "gpu" else "CPU"
+        out += ["", f"## Cost ({unit}-seconds: wall seconds x the devices each run held)", ""]
+        phases = ["load", "cache", "train", "eval"]
+        body = [
+            [c["method"] + (f" (+ {', '.join(c['also_evaluates'])})" if c["also_evaluates"] else ""), str(c["runs"])]
+            + [f"{c['device_seconds'].get(ph, 0.0):.0f}" for ph in phases]
+            + [f"{c['total_device_seconds']:.0f}", f"{c['total_device_seconds'] / 3600:.3f}"]
+            for c in t["cost"]
+        ]
+        out.append(markdown(["runs of", "runs", *phases, "total", f"{unit}-hours"], body).rstrip())
+    if t["missing"]:
+        out += [
+            "",
+            f"{len(t['missing'])} run(s) have no predictions yet: "
+            + ", ".join(f"{m} ({t['states'][m]})" for m in t["missing"]),
+        ]
+    for note in t["notes"]:
+        out.append(f"\nnote: {note}")
+    return "\n".join(out) + "\n"
+
+
+def recipe_csv(t: dict[str, Any]) -> str:
+    header = [
+        "reading",
+        "pair",
+        "method",
+        "row",
+        "task",
+        "n_seeds",
+        "seeds",
+        "mean",
+        "std",
+        "interval_low",
+        "interval_high",
+        "interval",
+        "deterministic",
+        "flags",
+    ]
+    rows = [
+        [
+            c["reading"],
+            c["pair"],
+            c["method"],
+            c["row"],
+            c["task"],
+            c["n"],
+            " ".join(map(str, c["seeds"])),
+            c["mean"],
+            c["std"],
+        ]
+        + (c["interval"] or [None, None])
+        + [c["interval_kind"], c["deterministic"], "; ".join(c["flags"])]
+        for c in t["cells"]
+    ]
+    return csv_text(header, rows)
+
+
+def plot_recipe(path: Path, t: dict[str, Any]) -> Path:
+    """Bars per task, one per method (generation; the probe's classifier), with the 95% interval of each cell."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    cells = {(c["row"], c["task"]): c for c in t["cells"] if c["reading"] == "generated" and c["pair"] == t["pairs"][0]}
+    rows, tasks = t["rows"], t["tasks"]
+    width = 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
+        xs, ys, lo, hi = [], [], [], []
+        for g, task in enumerate(tasks):
+            c = cells.get((row, task))
+            if c is None or c["mean"] is None:
+                continue
+            xs.append(g + (i - (len(rows) - 1) / 2) * width)
+            ys.append(c["mean"])
+            low, high = c["interval"] or (c["mean"], c["mean"])
+            lo.append(max(0.0, c["mean"] - low))
+            hi.append(max(0.0, high - c["mean"]))
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=row)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set(
+        title=f"{t['recipe'] or Path(t['path']).name}: accuracy with 95% intervals",
+        ylabel="accuracy (%)",
+        ylim=(0, 105),
+    )
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="best", fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def report_recipe(path: Path, out: Path) -> Report:
+    from telepathy import results  # noqa: PLC0415  (scipy only for a recipe's statistics)
+
+    t = results.compute(path)
+    rep = Report("recipe", path)
+    rep.missing, rep.states, rep.notes = t["missing"], t["states"], list(t["notes"])
+    atomic_write_text(out / "table.md", recipe_markdown(t))
+    atomic_write_text(out / "table.csv", recipe_csv(t))
+    rep.written += [out / "table.md", out / "table.csv"]
+    if t["cells"]:
+        rep.written.append(plot_recipe(out / "table.png", t))
+    rep.written.append(out / "table.json")
+    rep.table, rep.recipe = out / "table.md", t
+    t["written"] = [str(p) for p in rep.written]
+    atomic_write_text(out / "table.json", json.dumps(t, indent=2) + "\n")
+    return rep
+
+
 def report(path: str | Path, out: str | Path | None = None) -> Report:
-    """Report on a run folder or a sweep folder; files go to `out` (default PATH/report)."""
+    """Report on a run folder, a sweep folder or a recipe's folder; files go to `out` (default PATH/report)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path} is not a folder; pass a run folder or a sweep folder of runs")
     out = Path(out) if out else RunDir(path).report
+    if RunDir(path).recipe.is_file():
+        return report_recipe(path, out)
     return report_run(path, out) if RunDir(path).is_run() else report_sweep(path, out)

@@ -10,6 +10,7 @@ or a sweep of runs) also holds the job record, submitit's files and the code sna
       checkpoints/step_<NNNNNN>/     bridge.safetensors  optimizer.pt  state.json  rng_rank<r>.pt  deepspeed/
                                      manifest.json (written last: the checkpoint is complete once it exists)
       jobs.json  slurm/  code/<n>/   (the folder `launch` submitted: a run, or a sweep holding task folders)
+      recipe.json                    (a recipe's folder: its runs are task folders, or sweeps of them per layout)
       report/                        `launch report` output
 """
 
@@ -96,6 +97,11 @@ class RunDir:
     @property
     def jobs(self) -> Path:
         return self.path / "jobs.json"
+
+    @property
+    def recipe(self) -> Path:
+        """A recipe's run folder: the recipe as resolved and every run it planned (launch --recipe)."""
+        return self.path / "recipe.json"
 
     @property
     def slurm(self) -> Path:

@@ -8,6 +8,7 @@ straightforward step (full sender with all hidden states, full-position logits, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -31,12 +32,13 @@ class Batch:
     (B,S,d_S) replace sender_ids."""
 
     sender_ids: torch.Tensor | None  # (B,S) long, right-padded to the batch's longest
-    sender_mask: torch.Tensor  # (B,S) 1 = real token
-    primer_ids: torch.Tensor  # (B,P) the task's receiver primer (same for every row)
+    sender_mask: torch.Tensor | None  # (B,S) 1 = real token; None when nothing reads the sender
+    primer_ids: torch.Tensor  # (B,P) the task's receiver primer (same for every row), or the receiver's prompt
     answer_ids: torch.Tensor  # (B,A) " {label}" + EOS, right-padded
     answer_mask: torch.Tensor  # (B,A)
     sender_states: torch.Tensor | None = None  # (B,S,d_S) cached tapped-layer states
     labels: torch.Tensor | None = None  # (B,) class index, for evaluation
+    primer_mask: torch.Tensor | None = None  # (B,P) for a left-padded receiver prompt; None = all real
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -56,7 +58,15 @@ class Batch:
         )
 
     def __len__(self) -> int:
-        return self.sender_mask.size(0)
+        return self.answer_ids.size(0)
+
+    def input_tokens(self) -> torch.Tensor:
+        """Real tokens of what the trained part reads: the sender's input, else the receiver's prompt."""
+        if self.sender_mask is not None:
+            return self.sender_mask.sum()
+        if self.primer_mask is not None:
+            return self.primer_mask.sum()
+        return self.primer_ids.new_tensor(self.primer_ids.numel())
 
 
 @dataclass
@@ -77,6 +87,34 @@ def batch_diversity(soft: torch.Tensor) -> torch.Tensor:
     return (sim.sum() - sim.diagonal().sum()) / (b * (b - 1))
 
 
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded mask (what generate() derives from the attention mask): 0 at each row's
+    first real token, so a padded row reads its tokens at the positions it would alone."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def answer_logits(
+    lm: nn.Module,
+    prefix: torch.Tensor,
+    prefix_mask: torch.Tensor | None,
+    answer_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Logits (B*A, V), fp32, of each answer token given `prefix` (B,P,d embeddings, left-padded under
+    `prefix_mask`; None = no padding) and the answer tokens before it: one forward, the LM head only on the
+    positions that predict answer tokens. Training (the loss) and label scoring share it."""
+    embeds = torch.cat([prefix, lm.get_input_embeddings()(answer_ids)], dim=1)
+    b, p, a = prefix.size(0), prefix.size(1), answer_ids.size(1)
+    head = answer_mask.new_ones(b, p) if prefix_mask is None else prefix_mask.to(answer_mask.dtype)
+    mask = torch.cat([head, answer_mask], dim=1)
+    pos = None if prefix_mask is None else positions(mask)
+    hidden = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    # Position t predicts token t+1: answer token j is predicted at p-1+j. Reshape to 2-D before the
+    # head: a 3-D strided slice makes the CPU matmul copy the weight once per row.
+    h = hidden[:, p - 1 : p - 1 + a].reshape(b * a, -1)
+    return lm.lm_head(h).float()
+
+
 class ReceiverWithHead(nn.Module):
     """The frozen receiver as one module whose forward does the whole receiver side: embedding lookup,
     [primer, soft, answer] layout, the decoder, and the LM head on answer-predicting positions only.
@@ -92,18 +130,22 @@ class ReceiverWithHead(nn.Module):
         primer = self.lm.get_input_embeddings()(primer_ids)
         return torch.cat([primer, soft.to(primer.dtype)], dim=1)
 
+    def prefix_mask(self, primer_mask: torch.Tensor | None, soft: torch.Tensor) -> torch.Tensor | None:
+        """The mask of [primer, soft] when the primer is a left-padded prompt (None: nothing is padded)."""
+        if primer_mask is None:
+            return None
+        return torch.cat([primer_mask, primer_mask.new_ones(soft.shape[:2])], dim=1)
+
     def forward(
-        self, primer_ids: torch.Tensor, soft: torch.Tensor, answer_ids: torch.Tensor, answer_mask: torch.Tensor
+        self,
+        primer_ids: torch.Tensor,
+        soft: torch.Tensor,
+        answer_ids: torch.Tensor,
+        answer_mask: torch.Tensor,
+        primer_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         prefix = self.prefix_embeds(primer_ids, soft)
-        embeds = torch.cat([prefix, self.lm.get_input_embeddings()(answer_ids)], dim=1)
-        b, p, a = prefix.size(0), prefix.size(1), answer_ids.size(1)
-        mask = torch.cat([answer_mask.new_ones(b, p), answer_mask], dim=1)
-        hidden = self.lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-        # Position t predicts token t+1: answer token j is predicted at p-1+j. Reshape to 2-D before the
-        # head: a 3-D strided slice makes the CPU matmul copy the weight once per row.
-        h = hidden[:, p - 1 : p - 1 + a].reshape(b * a, -1)
-        logits = self.lm.lm_head(h).float()
+        logits = answer_logits(self.lm, prefix, self.prefix_mask(primer_mask, soft), answer_ids, answer_mask)
         ce = F.cross_entropy(logits, answer_ids.reshape(-1), reduction="none")
         weights = answer_mask.reshape(-1).to(ce.dtype)
         n_tokens = weights.sum()
@@ -118,10 +160,13 @@ class TelepathyModel(nn.Module):
     an update below |w|/256 vanishes, e.g. every LayerNorm gain near 1.0 at lr 2e-4) and runs under
     autocast in `compute_dtype`, the dtype the frozen models are held in."""
 
+    method = "bridge"
+    reads = "sender"  # what the trained part reads (data.Collator's `reads`)
+
     def __init__(
         self,
         sender: nn.Module | None,
-        bridge: Bridge,
+        bridge: nn.Module,
         receiver: ReceiverWithHead,
         diversity_weight: float,
         compute_dtype: torch.dtype = torch.bfloat16,
@@ -177,6 +222,109 @@ class TelepathyModel(nn.Module):
         loss = lm_loss + self.diversity_weight * diversity
         return StepOutput(loss=loss, lm_loss=lm_loss.detach(), diversity=diversity.detach())
 
+    def prefix(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the receiver reads before it answers, as embeddings, and its mask (None: no padding): the
+        layout training used, for generation and label scoring."""
+        soft = self.encode(batch)
+        return self.receiver.prefix_embeds(batch.primer_ids, soft), self.receiver.prefix_mask(batch.primer_mask, soft)
+
+    @contextlib.contextmanager
+    def baseline(self):
+        """Around a baseline evaluated beside this run's method: the receiver as loaded (LoRA turns its
+        adapters off here)."""
+        yield
+
+
+class SoftPrompt(nn.Module):
+    """Prompt tuning's trained part: K vectors in the receiver's embedding space (fp32 master weights),
+    initialised from K seeded rows of the receiver's own embedding matrix (Lester et al., 2021)."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.tokens = nn.Parameter(init.detach().float().clone())
+
+    def forward(self, like: torch.Tensor) -> torch.Tensor:
+        """(B,K,d) for a batch of B rows (`like`: any tensor whose first dimension is B)."""
+        return self.tokens.unsqueeze(0).expand(like.size(0), -1, -1)
+
+
+class PromptTuningModel(TelepathyModel):
+    """No sender: the receiver reads [task prompt with the text, K trained soft tokens, answer]. The soft
+    tokens sit where the bridge's do (just before the answer); the prompt is left-padded so they line up."""
+
+    method = "prompt_tuning"
+    reads = "receiver"
+
+    def encode(self, batch: Batch) -> torch.Tensor:
+        return self.bridge(batch.primer_ids)
+
+    def forward(self, batch: Batch) -> StepOutput:
+        soft = self.encode(batch)
+        lm_loss, _ = self.receiver(batch.primer_ids, soft, batch.answer_ids, batch.answer_mask, batch.primer_mask)
+        zero = lm_loss.new_zeros(())
+        return StepOutput(loss=lm_loss, lm_loss=lm_loss.detach(), diversity=zero)
+
+
+class LoraAdapters(nn.Module):
+    """The LoRA matrices PEFT injected into the receiver, gathered as one module: what the optimizer, the
+    checkpoint and DDP see (the frozen weights are not in it). Its forward runs the receiver, which uses
+    these matrices, so DDP's reducer sees every step it has to synchronise."""
+
+    def __init__(self, receiver: ReceiverWithHead):
+        from peft.tuners.lora import LoraLayer  # noqa: PLC0415  (peft only for the lora method)
+
+        super().__init__()
+        self.a, self.b = nn.ModuleDict(), nn.ModuleDict()
+        self._layers = []
+        for name, m in receiver.lm.named_modules():
+            if isinstance(m, LoraLayer):
+                key = name.replace(".", "-")
+                self.a[key], self.b[key] = m.lora_A["default"], m.lora_B["default"]
+                self._layers.append(m)
+        self._receiver = [receiver]  # a plain list: not a submodule, its frozen weights stay out
+
+    def forward(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._receiver[0](*args)
+
+    @contextlib.contextmanager
+    def disabled(self):
+        for m in self._layers:
+            m.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for m in self._layers:
+                m.enable_adapters(True)
+
+
+class LoraModel(TelepathyModel):
+    """No sender: the receiver, with trained LoRA adapters, reads [task prompt with the text, answer]."""
+
+    method = "lora"
+    reads = "receiver"
+
+    def _empty(self, batch: Batch) -> torch.Tensor:
+        lm = self.receiver.lm
+        return torch.zeros(len(batch), 0, lm.config.hidden_size, device=batch.primer_ids.device, dtype=lm.dtype)
+
+    def encode(self, batch: Batch) -> torch.Tensor:
+        return self._empty(batch)
+
+    def forward(self, batch: Batch) -> StepOutput:
+        args = (batch.primer_ids, self._empty(batch), batch.answer_ids, batch.answer_mask, batch.primer_mask)
+        lm_loss, _ = self.bridge(*args)  # through the adapters' module (DDP-wrapped under torchrun)
+        return StepOutput(loss=lm_loss, lm_loss=lm_loss.detach(), diversity=lm_loss.new_zeros(()))
+
+    @contextlib.contextmanager
+    def baseline(self):
+        adapters = self.bridge.module if isinstance(self.bridge, nn.parallel.DistributedDataParallel) else self.bridge
+        with adapters.disabled():
+            yield
+
+
+# The receiver's LoRA, as the original's baseline (PEFT; rank 8, alpha 16, query and value projections).
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
 
 def _shared_body(lm: nn.Module, spec: ModelSpec, num_layers: int, attn: str, dtype: torch.dtype) -> nn.Module:
     """For a single-model pair: a sender body that reuses the receiver's embedding, first layers and rotary
@@ -231,6 +379,9 @@ def build_telepathy_model(cfg: RunConfig, pair: Pair, device: torch.device | str
                 if getattr(real, name) is not None
             }
     lm = load_model(pair.receiver, device=place, attn_implementation=attn, dtype=dtype)
+    if cfg.method in ("prompt_tuning", "lora"):
+        model = _receiver_only(cfg, lm, dtype, device)
+        return (model, None, None) if meta else (model, load_tokenizer(pair.sender), load_tokenizer(pair.receiver))
     if cfg.train.sender_cache:
         sender = None
     elif pair.single:
@@ -251,3 +402,22 @@ def build_telepathy_model(cfg: RunConfig, pair: Pair, device: torch.device | str
     if meta:
         return model, None, None
     return model, load_tokenizer(pair.sender), load_tokenizer(pair.receiver)
+
+
+def _receiver_only(cfg: RunConfig, lm: nn.Module, dtype: torch.dtype, device: torch.device) -> TelepathyModel:
+    """Prompt tuning or LoRA on the receiver (DDP or one process: RunConfig refuses sharded backends for
+    them), the trained part initialised from train.seed."""
+    receiver = ReceiverWithHead(lm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        if cfg.method == "prompt_tuning":
+            table = lm.get_input_embeddings().weight
+            rows = torch.randperm(table.size(0))[: cfg.bridge.soft_tokens]
+            return PromptTuningModel(None, SoftPrompt(table[rows.to(table.device)]), receiver, 0.0, dtype)
+        from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415  (peft only for the lora method)
+
+        # the adapters' init (kaiming A, zero B) draws from the seeded generator
+        inject_adapter_in_model(LoraConfig(**LORA), lm)
+        lm.to(device)
+    # fp32 master weights, as the bridge's (PEFT computes the adapters in their dtype and casts the sum back)
+    return LoraModel(None, LoraAdapters(receiver).float(), receiver, 0.0, dtype)

@@ -13,13 +13,24 @@ checkpoint is in place: that is what a node entry waits for before requeueing.
 
 Evaluation runs on rank 0 alone AFTER the process group is shut down, so the other ranks do not sit in a
 collective while it generates (the original hit NCCL timeouts exactly there); they exit and torchrun waits.
+Where evaluation needs other models than training (a sharded backend, a bridge trained from the sender
+cache) the training copy and its optimizer state are released first; the full sender of sender_zero_shot and
+text_relay is completed from the training body's layers, not loaded a second time.
 Exit codes: 0 done, 75 checkpointed after a signal, 2 user error, 1 anything else.
+
+The run's `method` (config.METHODS) decides what trains: bridge, prompt_tuning and lora by gradient steps
+here (same loop, checkpoints, resume and preemption); linear_probe by fitting a classifier on the sender's
+tapped states on rank 0; evaluation-only methods train nothing. Every run ends with the evaluation of its
+method and `eval.baselines`, written to eval.json and predictions.jsonl, and the seconds spent per phase
+(load, cache, train, eval) in the manifest.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import json
 import logging
 import os
 import random
@@ -39,18 +50,31 @@ import torch.distributed as dist
 from telepathy import checkpoint as ckpt
 from telepathy import manifest
 from telepathy.backends import Wrapped, wrap
+from telepathy.bridge_shape import source_layer
 from telepathy.cache import sender_cache_for
 from telepathy.config import RunConfig
 from telepathy.data import Collator, load_task
 from telepathy.errors import UserError
-from telepathy.evaluate import evaluate, format_eval_table, full_sender
-from telepathy.files import atomic_write_json, read_json
-from telepathy.loading import device_for, load_tokenizer, local_rank_from_env, memory_report
+from telepathy.evaluate import evaluate, format_eval_table, full_sender, methods_needing
+from telepathy.files import atomic_write_json, atomic_write_text, read_json
+from telepathy.loading import (
+    compute_dtype,
+    device_for,
+    load_model,
+    load_tokenizer,
+    local_rank_from_env,
+    memory_report,
+    select_attention,
+)
 from telepathy.metrics import MetricsWriter, Progress, eval_record
 from telepathy.registry import load_registry
 from telepathy.rundir import EXIT_PREEMPTED, RunDir
 from telepathy.sampler import StepSampler
 from telepathy.step import Batch, TelepathyModel, build_telepathy_model
+
+# Methods trained by gradient steps through the loop below; the linear probe is fitted, the rest only evaluate.
+STEPPED = ("bridge", "prompt_tuning", "lora")
+PHASES = ("load", "cache", "train", "eval")
 
 DIST_TIMEOUT = timedelta(minutes=30)  # any collective (init included) that waits longer is a hang: fail loudly
 log = logging.getLogger("telepathy.train")
@@ -130,6 +154,8 @@ class Trainer:
     the methods follow the run's lifecycle."""
 
     def __init__(self, cfg: RunConfig, stop: StopFlag):
+        # ---- cost: wall seconds per phase of this attempt (the manifest records them)
+        self.seconds = dict.fromkeys(PHASES, 0.0)
         # ---- where: this process in the group, and its device
         self.cfg, self.dir, self.stop = cfg, cfg.dir, stop
         self.rank, self.world, self.local_rank = init_distributed()
@@ -138,14 +164,28 @@ class Trainer:
         seed_everything(cfg.train.seed)
         # ---- what: the pair, the task and its tokenised train split, the models
         self.pair = load_registry().pair(sender=cfg.sender, receiver=cfg.receiver)
-        self.task = load_task(cfg.data)
-        model, sender_tok, receiver_tok = build_telepathy_model(cfg, self.pair, self.device)
-        self.tokenizers = (sender_tok, receiver_tok)
-        self.collator = Collator(self.task.spec, sender_tok, receiver_tok, cfg.data.max_length, cfg.data.answer_length)
-        self.rows = self.collator.tokenize(self.task.train)  # once: sampler lengths, cache key, every batch
+        self.stepped = cfg.method in STEPPED
+        self.wrapped: Wrapped | None = None  # the trained model, wrapped for the backend (STEPPED methods)
         self.cache = None  # tapped-layer states read from disk instead of a sender forward (telepathy.cache)
+        self.probe = None  # the fitted linear probe (rank 0)
+        self.stager: Stager | None = None  # builds the next step's batches while this one computes
+        self.metrics: MetricsWriter | None = None
+        self.step = 0  # progress: optimizer steps taken
+        with self.timed("load"):
+            self.task = load_task(cfg.data)
+            if not self.stepped:  # evaluation and the probe load their models on rank 0 (evaluate, fit_probe)
+                self.tokenizers = (load_tokenizer(self.pair.sender), load_tokenizer(self.pair.receiver))
+                return
+            model, sender_tok, receiver_tok = build_telepathy_model(cfg, self.pair, self.device)
+            self.tokenizers = (sender_tok, receiver_tok)
+            d = cfg.data
+            self.collator = Collator(
+                self.task.spec, sender_tok, receiver_tok, d.max_length, d.answer_length, reads=model.reads
+            )
+            self.rows = self.collator.tokenize(self.task.train)  # once: sampler lengths, cache key, every batch
         if cfg.train.sender_cache:
-            self.cache = sender_cache_for(cfg, self.pair, sender_tok, self.rows, "train", self.device)
+            with self.timed("cache"):
+                self.cache = sender_cache_for(cfg, self.pair, sender_tok, self.rows, "train", self.device)
         # ---- how: which examples each step reads, the wrapped model with its optimizer, the records
         t = cfg.train
         self.sampler = StepSampler(
@@ -157,15 +197,26 @@ class Trainer:
             seed=t.seed,
             length_grouped=t.length_grouped,
         )
-        self.wrapped: Wrapped = wrap(model, cfg, self.device)
+        with self.timed("load"):
+            self.wrapped = wrap(model, cfg, self.device)
         self.stager = Stager(self._batch, pin=self.device.type == "cuda")
-        self.metrics: MetricsWriter | None = None
-        # ---- progress: optimizer steps taken
-        self.step = 0
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------ resume
     def resume(self) -> None:
         """Restore the newest valid checkpoint (rank 0 verifies, everyone loads)."""
+        if self.rank == 0:
+            self.dir.evaluation_failed.unlink(missing_ok=True)  # an earlier attempt's
+        if not self.stepped:
+            self.metrics = MetricsWriter(self.dir, enabled=self.rank == 0)
+            return
         found = None
         if self.rank == 0:
             found = ckpt.latest_valid(self.dir)
@@ -194,7 +245,6 @@ class Trainer:
         self._record_memory(0, "loaded")
         if self.rank == 0:
             self.dir.clear_preempted()
-            self.dir.evaluation_failed.unlink(missing_ok=True)  # an earlier attempt's
 
     def _check_bridge_layout(self, found: ckpt.Checkpoint) -> None:
         """A checkpoint of another bridge layout (an older version, other --bridge-* settings) is a one-line
@@ -211,6 +261,33 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ train
     def train(self) -> None:
+        if self.stepped:
+            with self.timed("train"):
+                self._steps()
+        elif self.cfg.method == "linear_probe":
+            self.fit_probe()
+
+    def fit_probe(self) -> None:
+        """Rank 0: the sender body's pooled states of the train split, and the classifier fitted on them."""
+        if self.rank != 0:
+            return
+        from telepathy import probe  # noqa: PLC0415  (scikit-learn only for the probe)
+
+        body, collator = self._probe_parts()
+        with self.timed("train"):
+            train = probe.features(body, collator, self.task.train, self.device, self.cfg.eval.batch_size)
+            self.probe = probe.fit(train, [e.label for e in self.task.train])
+        log.info("linear probe fitted on %d examples x %d features", *train.shape)
+
+    def _probe_parts(self) -> tuple[torch.nn.Module, Collator]:
+        if getattr(self, "_probe_body", None) is None:
+            with self.timed("load"):
+                self._probe_body = self._sender_body()
+        d = self.cfg.data
+        collator = Collator(self.task.spec, *self.tokenizers, d.max_length, d.answer_length)
+        return self._probe_body, collator
+
+    def _steps(self) -> None:
         t = self.cfg.train
         progress = Progress(t.steps, start=self.step, every=t.log_every, enabled=self.rank == 0)
         try:
@@ -250,7 +327,7 @@ class Trainer:
             out = self.wrapped.micro_step(batch, last=i == len(micro) - 1)
             sums[1:4] += torch.stack([out.loss.detach(), out.lm_loss, out.diversity]).to(torch.float64)
             sums[4] += len(batch)
-            sums[5] += batch.sender_mask.sum()
+            sums[5] += batch.input_tokens()
         grad_norm = self.wrapped.optimizer_step()
         self.step += 1
         sums[0] = 1.0 if self.stop.signal is not None else 0.0
@@ -316,8 +393,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ evaluate
     def evaluate(self) -> dict[str, Any]:
-        """Rank 0, after the process group is closed: the bridge and the baselines on the eval split."""
-        bridge_state = self.wrapped.bridge_state()
+        """Rank 0, after the process group is closed: the run's method and its baselines on the eval split;
+        eval.json and predictions.jsonl."""
+        bridge_state = self.wrapped.bridge_state() if self.wrapped is not None else None
         close_group()
         if self.rank != 0:
             # Stay until rank 0 is done: ranks that exit at once leave their nodes' torchrun agents in the exit
@@ -330,38 +408,88 @@ class Trainer:
             self.dir.mark_evaluation_failed()  # the waiting ranks stop waiting
             raise
 
-    def _evaluate(self, bridge_state: dict[str, Any]) -> dict[str, Any]:
-        if self.cache is not None:  # trained without a sender: evaluation reads text
-            model = self._rebuild()
-            model.bridge.load_state_dict(bridge_state)
-        else:
-            model = self.wrapped.local_model(bridge_state, self._rebuild)
-        model.eval()
+    def _evaluate(self, bridge_state: dict[str, Any] | None) -> dict[str, Any]:
         cfg = self.cfg
-        needs_sender = bool({"sender", "text_relay"} & set(cfg.eval.baselines))
-        results = evaluate(
-            model,
-            self.task,
-            self.tokenizers,
-            cfg.eval,
-            self.device,
-            data_cfg=cfg.data,
-            sender_lm=full_sender(model, self.pair, self.device, cfg.train.attention) if needs_sender else None,
-        )
+        methods = [cfg.method] + [m for m in cfg.eval.baselines if m != cfg.method]
+        with self.timed("load"):
+            model = self._evaluation_model(bridge_state)
+            need = methods_needing(methods)
+            receiver_lm = model.receiver.lm if model is not None else None
+            if receiver_lm is None and need["receiver"]:
+                receiver_lm = self._load(self.pair.receiver)
+            sender_lm = None
+            if need["full_sender"]:
+                body = model.sender if model is not None else getattr(self, "_probe_body", None)
+                sender_lm = full_sender(
+                    self.pair, self.device, cfg.train.attention, body=body, receiver_lm=receiver_lm, dtype=self._dtype
+                )
+        with self.timed("eval"):
+            given = {}
+            if cfg.method == "linear_probe":
+                from telepathy import probe  # noqa: PLC0415  (scikit-learn only for the probe)
+
+                body, collator = self._probe_parts()
+                feats = probe.features(body, collator, self.task.eval, self.device, cfg.eval.batch_size)
+                given["linear_probe"] = probe.records(self.probe, feats, self.task.eval, self.task.spec.labels)
+            results, records = evaluate(
+                methods,
+                self.task,
+                self.tokenizers,
+                cfg.eval,
+                self.device,
+                data_cfg=cfg.data,
+                model=model,
+                receiver_lm=receiver_lm,
+                sender_lm=sender_lm,
+                seed=cfg.train.seed,
+                given=given,
+            )
+        results["method"] = cfg.method
+        # predictions first: a run is complete once eval.json exists, and everything it says comes from them
+        atomic_write_text(self.dir.predictions, "".join(json.dumps(r) + "\n" for r in records))
         atomic_write_json(self.dir.eval, results)
         with contextlib.closing(MetricsWriter(self.dir)) as m:  # evaluation beside the curves (TensorBoard)
             m.write(eval_record(results, self.step))
         print(format_eval_table(results), flush=True)
         return results
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        return compute_dtype(self.device, self.cfg.train.precision)[0]
+
+    def _load(self, spec, num_layers: int | None = None) -> torch.nn.Module:
+        attn = select_attention(self.device, self.cfg.train.attention)[0]
+        return load_model(spec, device=self.device, attn_implementation=attn, num_layers=num_layers, dtype=self._dtype)
+
+    def _sender_body(self) -> torch.nn.Module:
+        """The sender up to the tapped layer (what the bridge and the linear probe read)."""
+        return self._load(self.pair.sender, num_layers=source_layer(self.cfg.bridge, self.pair.sender))
+
+    def _evaluation_model(self, bridge_state) -> TelepathyModel | None:
+        """The trained model, unsharded on this device with its trained weights; None for methods that train
+        none. The training copy goes first: its optimizer state always, the whole model where evaluation
+        needs another one (sharded frozen weights: backends.FSDPWrapped.local_model rebuilds after releasing
+        it). A bridge trained from the sender cache gets its sender body back, beside its receiver."""
+        wrapped, self.wrapped, self.cache = self.wrapped, None, None
+        if wrapped is None:
+            return None
+        wrapped.release_optimizer()
+        model = wrapped.local_model(bridge_state, self._rebuild)
+        del wrapped
+        free_memory(self.device)
+        if model.method == "bridge" and model.sender is None:
+            model.sender = self._sender_body()
+        return model.eval()
+
     def _rebuild(self) -> TelepathyModel:
-        """An unsharded model with its sender, on this device (for backends or caches that lack one)."""
+        """An unsharded model with its sender, on this device (for backends that shard the frozen weights)."""
         plain = self.cfg.replace(backend="ddp", train={"sender_cache": False})
         model, _, _ = build_telepathy_model(plain, self.pair, self.device)
         return model
 
     def close(self) -> None:
-        self.stager.close()
+        if self.stager is not None:
+            self.stager.close()
         if self.metrics is not None:
             self.metrics.close()
 
@@ -413,13 +541,21 @@ def run(cfg: RunConfig, *, stop: StopFlag | None = None) -> dict[str, Any]:
             log.info("%s exists: run already complete", run_dir.eval)
             return (read_json(run_dir.eval) or {}) if rank == 0 else {}
         with manifest.recorded(cfg, enabled=rank == 0, preempted=(Preempted,)):
-            trainer = Trainer(cfg, stop)
+            t0 = time.perf_counter()
+            trainer = None
             try:
-                trainer.resume()
-                trainer.train()  # from the final checkpoint: nothing left, only the evaluation
+                trainer = Trainer(cfg, stop)
+                try:
+                    trainer.resume()
+                    trainer.train()  # from the final checkpoint: nothing left, only the evaluation
+                finally:
+                    trainer.close()
+                return trainer.evaluate()
             finally:
-                trainer.close()
-            return trainer.evaluate()
+                if rank == 0:  # how the attempt's time went, whatever ended it
+                    seconds = trainer.seconds if trainer is not None else dict.fromkeys(PHASES, 0.0)
+                    world = trainer.world if trainer is not None else int(os.environ.get("WORLD_SIZE", 1))
+                    manifest.record_cost(cfg.dir, seconds, time.perf_counter() - t0, _device_kind(), world)
     finally:
         if own_flag:
             stop.uninstall()
@@ -467,6 +603,17 @@ def _setup_logging(run_dir: RunDir, rank: int) -> list[logging.Handler]:
         h.setFormatter(fmt)
         root.addHandler(h)
     return handlers
+
+
+def free_memory(device: torch.device) -> None:
+    """Return what released models held: Python's cycles first, then the CUDA allocator's cache."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _device_kind() -> str:
+    return "gpu" if torch.cuda.is_available() else "cpu"
 
 
 def close_group() -> None:

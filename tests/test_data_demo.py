@@ -52,7 +52,7 @@ def test_demo_bridge_beats_receiver_alone(one_thread):
         opt.step()
         first = first if first is not None else out.lm_loss.item()
     train_s = time.perf_counter() - start
-    result = evaluate(model, task, (stok, rtok), cfg.eval, "cpu", data_cfg=cfg.data)
+    result, _ = evaluate(["bridge", "receiver"], task, (stok, rtok), cfg.eval, "cpu", data_cfg=cfg.data, model=model)
     acc = result["accuracy"]
     print(
         f"demo: {STEPS} steps in {train_s:.1f} s, lm loss {first:.2f} -> {out.lm_loss.item():.2f}, "

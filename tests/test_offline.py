@@ -25,7 +25,7 @@ RUN = [
     "--eval-samples",
     "8",
     "--baselines",
-    "receiver",
+    "receiver,sender_zero_shot",  # the full sender: completed from the cached safetensors, offline
     "--latency-samples",
     "0",
     "--max-length",
@@ -73,7 +73,11 @@ def test_local_modes_load_by_hub_id_offline_train_and_evaluate(launch, hub_cache
     assert plan["run"]["sender"] == "rehearse-llama" and plan["run"]["data"]["task"] == "sst2"
     assert [d.step for d in run.step_dirs()] == [4]
     ev = json.loads(run.eval.read_text())
-    assert set(ev["methods"]) == {"bridge", "receiver"} and ev["n"] == 8 and ev["labels"] == ["negative", "positive"]
+    assert (
+        set(ev["methods"]) == {"bridge", "receiver", "sender_zero_shot"}
+        and ev["n"] == 8
+        and ev["labels"] == ["negative", "positive"]
+    )
     assert json.loads(run.manifest.read_text())["exit"] == {"state": "completed"}
     assert {p.name for p in run.logs.glob("worker_rank*.log")} == {run.worker_log(i).name for i in range(int(gpus))}
     assert "task sst2: n=8" in r.stdout

@@ -61,6 +61,11 @@ def test_the_installed_wheel_plans_and_trains_from_any_folder(tmp_path):
     )
     assert dry.returncode == 0, dry.stderr
     assert "table row llama3b-qwen3b" in dry.stdout and f"TELEPATHY_CONFIGS={elsewhere}" in dry.stdout
+    recipe = subprocess.run(  # the shipped recipes are package data
+        [launch, "--recipe", "table1", "--dry-run"], capture_output=True, text=True, cwd=elsewhere, timeout=120
+    )
+    assert recipe.returncode == 0, recipe.stderr
+    assert f"({site / 'telepathy' / 'configs' / 'recipes' / 'table1.yaml'})" in recipe.stdout
 
     run = subprocess.run(
         [
