@@ -29,6 +29,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from telepathy import faults
 from telepathy.files import atomic_write_json, fsync_dir, sha256_file
 from telepathy.rundir import RunDir, StepDir
 
@@ -99,6 +100,9 @@ def save(
     if rank == 0:
         assert bridge is not None and state is not None
         save_file({k: v.detach().contiguous().cpu() for k, v in bridge.items()}, str(tmp.bridge))
+        if faults.due("checkpoint-bridge", step, rank, run_dir):
+            os.truncate(tmp.bridge, tmp.bridge.stat().st_size // 2)  # as a write killed half-way leaves it
+            faults.kill("checkpoint-bridge", step, rank, run_dir)
         if optimizer is not None:
             torch.save(optimizer, tmp.optimizer)
         tmp.state.write_text(json.dumps({"step": step, **state}, indent=2, sort_keys=True) + "\n")
@@ -111,7 +115,9 @@ def save(
         for p in sorted(q for q in tmp.path.rglob("*") if q.is_file()):
             _fsync(p)
             files[str(p.relative_to(tmp.path))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        faults.kill("checkpoint-manifest", step, rank, run_dir)
         atomic_write_json(tmp.manifest, {"step": step, "files": files})
+        faults.kill("checkpoint-rename", step, rank, run_dir)
         if final.path.exists():  # an unverifiable leftover of the same step (we resumed from before it)
             shutil.rmtree(final.path)
         os.rename(tmp.path, final.path)

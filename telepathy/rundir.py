@@ -160,6 +160,10 @@ class RunDir:
     def logs(self) -> Path:
         return self.path / "logs"
 
+    def fault_marker(self, name: str) -> Path:
+        """An injected fault (telepathy.faults) that has fired in this run: it does not fire again."""
+        return self.path / "faults" / name
+
     def worker_log(self, rank: int) -> Path:
         return self.logs / f"worker_rank{rank}.log"
 

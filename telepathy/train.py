@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from telepathy import checkpoint as ckpt
-from telepathy import manifest
+from telepathy import faults, manifest
 from telepathy.backends import Wrapped, wrap
 from telepathy.bridge_shape import source_layer
 from telepathy.cache import sender_cache_for
@@ -328,6 +328,7 @@ class Trainer:
             sums[1:4] += torch.stack([out.loss.detach(), out.lm_loss, out.diversity]).to(torch.float64)
             sums[4] += len(batch)
             sums[5] += batch.input_tokens()
+        faults.kill("step", self.step + 1, self.rank, self.dir)
         grad_norm = self.wrapped.optimizer_step()
         self.step += 1
         sums[0] = 1.0 if self.stop.signal is not None else 0.0
