@@ -1,7 +1,9 @@
 """Peak host memory of one node while a run loads and takes its first steps: FSDP (frozen models built on the
 meta device, shards filled from rank 0's one copy) against DDP (every rank holds whole models, as FSDP did
 before). Real torchrun with N CPU processes (gloo), the bench-llama -> bench-mistral pair (random weights,
-real vocabularies), RSS of the whole process tree sampled every 20 ms.
+a llama-shaped random-weight pair of ~0.8 B parameters each (defined here, in a user registry), RSS of the whole
+process tree sampled every 20 ms; the same run of the tiny pair gives the per-process overhead (interpreter,
+torch, transformers) that is subtracted before counting model copies.
 
     python bench/host_memory.py [--ranks 4] [--out bench/HOST_MEMORY.md]
 """
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -27,7 +30,23 @@ from telepathy.loading import compute_dtype  # noqa: E402
 from telepathy.memory import frozen_param_counts  # noqa: E402
 from telepathy.registry import load_registry  # noqa: E402
 
-PAIR = "bench-llama-bench-mistral"
+PAIR, TINY = "host-sender-host-receiver", "tiny-llama-tiny-qwen"
+MODEL = {
+    "family": "llama",
+    "weights": "random",
+    "tokenizer": "mistral-common:tokenizer.model.v1",
+    "hidden": 2048,
+    "layers": 14,
+    "heads": 16,
+    "kv_heads": 8,
+    "head_dim": 128,
+    "intermediate": 5632,
+    "vocab": 32768,
+    "tied_embeddings": False,
+    "rope_theta": 500000.0,
+    "max_position": 4096,
+    "rms_norm_eps": 1.0e-5,
+}
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -40,13 +59,13 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run(backend: str, ranks: int, runs_dir: str) -> dict:
+def run(backend: str, ranks: int, runs_dir: str, pair: str = PAIR) -> dict:
     argv = [
         sys.executable,
         "-m",
         "launcher.cli",
         "--pair",
-        PAIR,
+        pair,
         "--task",
         "demo",
         "--local",
@@ -67,7 +86,7 @@ def run(backend: str, ranks: int, runs_dir: str) -> dict:
         "--micro-batch",
         "1",
         "--name",
-        backend,
+        f"{pair}-{backend}",
         "--runs-dir",
         runs_dir,
     ]
@@ -89,22 +108,30 @@ def main() -> int:
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--out", default=str(REPO / "bench" / "HOST_MEMORY.md"))
     args = ap.parse_args()
-    pair = load_registry().pair(PAIR)
     dtype = compute_dtype("cpu")[0]
-    # what the run holds: the sender up to its tapped layer, the whole receiver
-    weights = sum(frozen_param_counts(pair, BridgeConfig(), False).values()) * dtype.itemsize / 2**30
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run(b, args.ranks, tmp) for b in ("ddp", "fsdp")]
-        base = run("ddp", 1, tmp + "/one")  # one process: the interpreter, torch and one copy of the models
-    for r in rows:
-        r["copies"] = (r["peak_rss_gib"] - args.ranks * (base["peak_rss_gib"] - weights)) / weights
+        config = Path(tmp) / "config"
+        config.mkdir()
+        (config / "models.yaml").write_text(
+            yaml.safe_dump({"models": {"host-sender": MODEL, "host-receiver": MODEL}}, sort_keys=False)
+        )
+        os.environ["TELEPATHY_CONFIG_DIR"] = str(config)
+        pair = load_registry().pair(PAIR)
+        # what the run holds: the sender up to its tapped layer, the whole receiver
+        weights = sum(frozen_param_counts(pair, BridgeConfig(), False).values()) * dtype.itemsize / 2**30
+        rows = []
+        for backend in ("ddp", "fsdp"):
+            overhead = run(backend, args.ranks, tmp, TINY)["peak_rss_gib"]  # N processes, next to no weights
+            row = run(backend, args.ranks, tmp)
+            row.update(overhead_gib=overhead, copies=(row["peak_rss_gib"] - overhead) / weights)
+            rows.append(row)
     lines = [
         "# Host memory per node while loading",
         "",
         f"`python bench/host_memory.py --ranks {args.ranks}`: {PAIR}, frozen weights {weights:.2f} GiB "
         f"({str(dtype).removeprefix('torch.')}, this CPU's compute dtype), {args.ranks} torchrun ranks on one node "
-        f"(CPU, gloo), peak RSS of the process tree. A single process peaks at {base['peak_rss_gib']:.2f} GiB; "
-        "`model copies` = (peak - ranks x the per-process overhead) / one copy of the weights.",
+        "(CPU, gloo), peak RSS of the process tree. `model copies` = (peak - the same run's peak with the tiny "
+        "pair) / one copy of the weights: DDP holds one per rank by design; FSDP's goal is about one per node.",
         "",
         "| backend | ranks | peak RSS (GiB) | model copies | seconds |",
         "|---|---|---|---|---|",
@@ -116,7 +143,7 @@ def main() -> int:
     ]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
-    print(json.dumps(rows + [base]))
+    print(json.dumps(rows))
     return 0
 
 

@@ -354,5 +354,7 @@ def torchrun_command(
             f"--rdzv_endpoint={rdzv_endpoint}",
             f"--rdzv_id={rdzv_id}",
         ]
+    if plan.profile.max_restarts:
+        argv.append(f"--max-restarts={plan.profile.max_restarts}")
     worker = ["-m", "telepathy.train", "--config", config_path, *(["--sender-cache-only"] if cache_only else [])]
     return argv + [f"--nproc_per_node={lay.gpus_per_node}", *worker]

@@ -54,6 +54,9 @@ class ClusterProfile:
     array_parallelism: int = 64
     signal_delay_s: int = 120
     max_requeues: int = 5
+    # torchrun's --max-restarts: a worker that dies (not a preemption) restarts the node's group this many
+    # times, resuming from the newest checkpoint; past it the job fails and `launch resubmit` continues.
+    max_restarts: int = 0
     hf_home: str | None = None
     # Compute nodes cannot reach the Hub: jobs read only the cache (HF_HUB_OFFLINE=1), and the launcher checks
     # before submitting that everything a run reads is in it (fill it with `launch prefetch` on a login node).
@@ -74,6 +77,9 @@ class ClusterProfile:
         ):
             if getattr(self, k) <= 0:
                 raise UserError(f"cluster profile '{self.name}': {k} must be positive (got {getattr(self, k)})")
+        for k in ("max_requeues", "max_restarts", "signal_delay_s"):
+            if getattr(self, k) < 0:
+                raise UserError(f"cluster profile '{self.name}': {k} must be 0 or more (got {getattr(self, k)})")
         for k in ("cpus_per_gpu", "mem_per_gpu_gb"):
             if getattr(self, k) is not None and getattr(self, k) <= 0:
                 raise UserError(f"cluster profile '{self.name}': {k} must be positive or null (got {getattr(self, k)})")
