@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -93,7 +94,27 @@ def _config_dir(argv: list[str]) -> list[str]:
     return out
 
 
+class _Warnings(logging.Handler):
+    """The launcher's warnings (e.g. SLURM output it could not parse) as `warning: ...` on stderr."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("warning: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)  # sys.stderr now, not at construction
+
+
 def main(argv: list[str] | None = None) -> int:
+    handler = _Warnings()
+    logging.getLogger("launcher").addHandler(handler)
+    try:
+        return _main(argv)
+    finally:
+        logging.getLogger("launcher").removeHandler(handler)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv = _config_dir(argv)

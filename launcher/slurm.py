@@ -1,12 +1,16 @@
 """SLURM's view of jobs: sacct, squeue and scontrol, called with fixed formats and parsed in one place.
 
 Every query asks for `--parsable2` (fields split by '|', no trailing '|') with an explicit field list, so
-the parse does not depend on a SLURM version's default columns. A line that does not parse is reported
-(`Parsed.problems`), never a traceback. Torch-free.
+the parse does not depend on a SLURM version's default columns. squeue and sinfo have no --parsable2:
+they get a '|'-separated --format of their own. A line that does not parse is reported (`Parsed.problems`,
+and a warning on the `launcher.slurm` logger, which `launch` prints as `warning: ...`), never a traceback.
+Recorded outputs of SLURM 22.05, 23.11 and 24.11 (tests/data/slurm/) pin what the parsers accept.
+Torch-free.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
@@ -14,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from telepathy.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # States in which a job may still run: a task in one of them is not submitted again.
 ACTIVE = {
@@ -30,14 +36,19 @@ ACTIVE = {
     "STAGE_OUT",
     "RESV_DEL_HOLD",
     "STOPPED",
+    "SPECIAL_EXIT",  # held after a chosen exit code, like REQUEUE_HOLD: released, it runs again
 }
 SACCT_FIELDS = ("JobID", "State", "NodeList", "Elapsed", "ExitCode", "Reason")
 # squeue's format codes for the same facts: id (%i: ARRAYJOB_TASK for array tasks), state, nodes, elapsed, reason.
 SQUEUE_FORMAT = "%i|%T|%N|%M|%r"
 SQUEUE_FIELDS = ("JobID", "State", "NodeList", "Elapsed", "Reason")
 _ARRAY = re.compile(r"^(\d+)_\[([0-9,\-]+)(?:%\d+)?\]$")
-_JOB_ID = re.compile(r"^\d+(_\d+)?(\+\d+)?$|^\d+_\[[0-9,\-%]+\]$")
-_STEP_SUFFIX = re.compile(r"\.(batch|extern|interactive|\d+)$")
+# JobID as sacct and squeue print it: 12, an array task 15_3, an array's pending rest 15_[4-6%2], a
+# heterogeneous job's component 20+1, each optionally with a step (.batch, .extern, .interactive, .0, .0+1).
+_JOB_ID = re.compile(
+    r"^(?P<job>\d+(?:_(?:\d+|\[[0-9,\-]+(?:%\d+)?\]))?)(?:\+(?P<het>\d+))?"
+    r"(?P<step>\.(?:batch|extern|interactive|\d+)(?:\+\d+)?)?$"
+)
 
 
 def is_active(state: str) -> bool:
@@ -57,7 +68,7 @@ def expand_job_id(job_id: str) -> list[str]:
 
 
 def elapsed_seconds(text: str | None) -> int | None:
-    """sacct's [D-]HH:MM:SS or squeue's [[D-]H:]M:SS -> seconds."""
+    """sacct's [D-]HH:MM:SS or squeue's [[D-]H:]M:SS -> seconds (None for "", "INVALID", anything else)."""
     m = re.match(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$", text or "")
     if not m:
         return None
@@ -74,9 +85,10 @@ class Parsed:
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    # "CANCELLED by 1000" -> CANCELLED; a state cut to its column width ends in "+" ("CANCELLED+")
     state = (row.get("State") or "").split()
-    row["State"] = state[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
-    if row.get("NodeList") in ("", "None assigned", "(null)", None):
+    row["State"] = state[0].rstrip("+") if state else "UNKNOWN"
+    if row.get("NodeList") in ("", "None assigned", "(null)", "None", None):
         row["NodeList"] = None
     reason = row.get("Reason")
     row["Reason"] = None if reason in ("", "None", "(null)", None) else reason
@@ -85,23 +97,36 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _rows(text: str, fields: tuple[str, ...], tool: str, out: Parsed):
+    """(job key, row) for each job line of `text`; steps are skipped, bad lines go to out.problems. The key
+    of a heterogeneous job's leader (20+0) is the job id (20), its other components keep theirs (20+1)."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) != len(fields):
+            out.problems.append(
+                f"{tool} line {n}: {line[:120]!r} (expected {len(fields)} '|'-separated fields, got {len(parts)})"
+            )
+            continue
+        m = _JOB_ID.match(parts[0])
+        if not m:
+            out.problems.append(f"{tool} line {n}: {line[:120]!r} (job id {parts[0][:40]!r} not understood)")
+            continue
+        if m.group("step"):
+            continue
+        het = m.group("het")
+        row = _clean(dict(zip(fields[1:], parts[1:])))
+        yield (m.group("job") if het in (None, "0") else f"{m.group('job')}+{het}"), row
+
+
 def parse_sacct(text: str, fields: tuple[str, ...] = SACCT_FIELDS) -> Parsed:
     """`sacct --parsable2 --noheader --format=<fields>` output. With --duplicates every attempt of a
     requeued job is a row, oldest first: the newest wins and `attempts` counts them. Job steps
     (12.batch, 12.0) are skipped; an array's pending remainder (15_[4-6]) is expanded."""
     out = Parsed()
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split("|")
-        if len(parts) != len(fields) or not _JOB_ID.match(parts[0]) and not _STEP_SUFFIX.search(parts[0]):
-            out.problems.append(f"sacct line {n}: {line[:120]!r} (expected {len(fields)} '|'-separated fields)")
-            continue
-        row = _clean(dict(zip(fields, parts)))
-        jid = row.pop("JobID")
-        if _STEP_SUFFIX.search(jid):
-            continue
-        for one in expand_job_id(jid.split("+")[0]):
+    for jid, row in _rows(text, fields, "sacct", out):
+        for one in expand_job_id(jid):
             attempts = out.jobs.get(one, {}).get("attempts", 0) + 1
             out.jobs[one] = {**row, "attempts": attempts}
     return out
@@ -110,17 +135,16 @@ def parse_sacct(text: str, fields: tuple[str, ...] = SACCT_FIELDS) -> Parsed:
 def parse_squeue(text: str, fields: tuple[str, ...] = SQUEUE_FIELDS) -> Parsed:
     """`squeue --noheader --array --format=<SQUEUE_FORMAT>` output (one row per array task)."""
     out = Parsed()
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = [p.strip() for p in line.split("|")]
-        if len(parts) != len(fields) or not _JOB_ID.match(parts[0]):
-            out.problems.append(f"squeue line {n}: {line[:120]!r} (expected {len(fields)} '|'-separated fields)")
-            continue
-        row = _clean(dict(zip(fields, parts)))
-        for one in expand_job_id(row.pop("JobID")):
+    for jid, row in _rows(text, fields, "squeue", out):
+        for one in expand_job_id(jid):
             out.jobs[one] = {**row, "ExitCode": None, "attempts": 1}
     return out
+
+
+def warn_problems(problems: list[str]) -> None:
+    """Lines SLURM printed that the parsers did not understand: a warning each (`launch` shows them)."""
+    for problem in problems:
+        log.warning("SLURM output not understood, ignored: %s", problem)
 
 
 def _run(cmd: list[str], timeout: float = 60) -> str:
@@ -183,6 +207,7 @@ def job_states(job_ids: list[str]) -> Parsed:
         for jid, row in live.jobs.items():  # the controller is newer than accounting
             old = found.jobs.get(jid, {})
             found.jobs[jid] = {**old, **row, "attempts": old.get("attempts", 1), "ExitCode": old.get("ExitCode")}
+    warn_problems(found.problems)
     return found
 
 
@@ -215,6 +240,7 @@ def scancel(job_ids: list[str]) -> None:
 # ------------------------------------------------------------------------------------------ nodes
 
 SINFO_FORMAT = "%N|%P|%c|%m|%G|%f|%T"  # node, partition (* = default), CPUs, memory MB, GRES, features, state
+_FLAGS = "*~#!%$@^-"  # a node state's flag suffixes (sinfo(1) NODE STATE CODES): "idle~", "mixed-"
 _GPU_GRES = re.compile(r"^gpu(?::([^:(]+))?:(\d+)")
 
 
@@ -249,9 +275,7 @@ def parse_sinfo(text: str) -> tuple[list[Node], list[str]]:
                     gpus[m.group(1) or ""] = gpus.get(m.group(1) or "", 0) + int(m.group(2))
             feats = frozenset() if features in ("(null)", "") else frozenset(features.split(","))
             nodes.append(
-                Node(
-                    name, part.rstrip("*"), part.endswith("*"), int(cpus), int(mem), gpus, feats, state.rstrip("*~#$@")
-                )
+                Node(name, part.rstrip("*"), part.endswith("*"), int(cpus), int(mem), gpus, feats, state.rstrip(_FLAGS))
             )
         except ValueError:
             problems.append(line)
@@ -272,4 +296,6 @@ def sinfo_nodes(timeout: float = 10.0) -> list[Node] | None:
         return None
     if out.returncode != 0:
         return None
-    return parse_sinfo(out.stdout)[0]
+    nodes, problems = parse_sinfo(out.stdout)
+    warn_problems([f"sinfo: {line[:120]!r} (expected {SINFO_FORMAT})" for line in problems])
+    return nodes
