@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from telepathy.errors import UserError
+from telepathy.secrets import redact
 
 # Subcommand name -> module. Imported only when used, so `launch --dry-run` stays fast.
 COMMANDS = {
@@ -102,7 +103,7 @@ class _Warnings(logging.Handler):
         self.setFormatter(logging.Formatter("warning: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr)  # sys.stderr now, not at construction
+        print(redact(self.format(record)), file=sys.stderr)  # sys.stderr now, not at construction
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +132,7 @@ def _main(argv: list[str] | None) -> int:
         args = build_parser(command).parse_args([command] + (argv if command == "run" else argv[1:]))
         return int(args.handler(args) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)  # a message quoting sbatch or a value: no secret
         return UserError.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -46,6 +46,7 @@ from types import FrameType
 
 from telepathy.files import atomic_write_json, read_json
 from telepathy.rundir import EXIT_PREEMPTED, RunDir
+from telepathy.secrets import redact
 
 RENDEZVOUS_WAIT_S = 300  # other nodes: how long to wait for the first node's rendezvous address
 CHECKPOINT_WAIT_S = 120  # after torchrun exits on a signal: how long to wait for rank 0's preemption marker
@@ -196,7 +197,7 @@ def start_torchrun(argv: list[str], **popen_kwargs) -> subprocess.Popen:
 
 
 def _log(task: SlurmTask, message: str) -> None:
-    print(f"[telepathy node {task.procid}/{task.nnodes} job {task.requeue_id}] {message}", flush=True)
+    print(f"[telepathy node {task.procid}/{task.nnodes} job {task.requeue_id}] {redact(message)}", flush=True)
 
 
 def _wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 
 from telepathy.errors import UserError
 from telepathy.paths import config_file, config_names, read_yaml
+from telepathy.secrets import is_secret_name, literal_secret_assignments
 
 DEFAULT_PROFILE = "dgx-h100"
 
@@ -95,6 +96,7 @@ class ClusterProfile:
                 f"cluster profile '{self.name}': container_runtime must be one of {', '.join(CONTAINER_RUNTIMES)} "
                 f"(got {self.container_runtime})"
             )
+        self._check_no_secrets()
         for arg in self.sbatch_args:
             key = sbatch_option(arg)[0]
             if key in RESERVED_SBATCH:
@@ -102,6 +104,24 @@ class ClusterProfile:
                     f"cluster profile '{self.name}': sbatch_args may not set --{key} (the launcher sets it"
                     f"{'; use ' + RESERVED_SBATCH[key] if RESERVED_SBATCH[key] else ''})"
                 )
+
+    def _check_no_secrets(self) -> None:
+        """Everything a profile holds goes into plans and job scripts: a secret may not be one of its values
+        (the one predicate, telepathy/secrets.py). It reaches the job from the submitting shell instead."""
+        fix = "remove it and export it in your shell (sbatch passes it to the job)"
+        for key in self.env:
+            if is_secret_name(str(key)):
+                raise UserError(
+                    f"cluster profile '{self.name}': env {key} looks like a secret and would be written into "
+                    f"the job script; {fix}"
+                )
+        for where in ("setup", "sbatch_args", "srun_args"):
+            for line in getattr(self, where):
+                for name in literal_secret_assignments(str(line)):
+                    raise UserError(
+                        f"cluster profile '{self.name}': {where} sets {name}, which looks like a secret, to a value "
+                        f"that would be written into the job script; {fix}, or read it there ({name}=$(cat FILE))"
+                    )
 
     # ------------------------------------------------------------ what a job of `gpus` GPUs per node asks
     def whole_node(self, gpus: int) -> bool:

@@ -9,8 +9,9 @@ launcher/, telepathy/ and configs/ copied into ROOT/code/<n> at submit time: the
 puts it first on PYTHONPATH, so editing the checkout afterwards changes nothing.
 
 User strings reach the script only as arguments of shlex.quote (submitit quotes #SBATCH values and the
-srun line itself). Secrets never enter it: the profile may not define token-like variables; they reach
-the job through the environment sbatch exports from the submitting shell.
+srun line itself). Secrets never enter it: a cluster profile may hold no secret-named variable and no
+literal secret assignment in its setup, sbatch or srun lines (ClusterProfile, by telepathy/secrets.py);
+secrets reach the job through the environment sbatch exports from the submitting shell.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from telepathy.files import atomic_write_bytes
 from telepathy.hub import hub_env
 from telepathy.paths import REPO_ROOT, configs_dir, user_config_dir
 from telepathy.rundir import RunDir
-from telepathy.secrets import is_secret_name
 
 CODE_PACKAGES = ("launcher", "telepathy")
 USER_CONFIGS = "user-configs"  # the user's configuration folder, as it was at submission
@@ -115,14 +115,9 @@ def job_env(plan: Plan, code_dir: Path) -> dict[str, str]:
         "TELEPATHY_CONFIG_DIR": str(code_dir / USER_CONFIGS),
         **hub_env(prof),
     }
-    for key, value in prof.env.items():
+    for key, value in prof.env.items():  # secret names: refused by the profile itself (ClusterProfile)
         if not _ENV_NAME.match(str(key)):
             raise UserError(f"cluster profile '{prof.name}': env name {key!r} is not a valid variable name")
-        if is_secret_name(str(key)):
-            raise UserError(
-                f"cluster profile '{prof.name}': {key} looks like a secret and would be written into "
-                "the job script; remove it and export it in your shell (sbatch passes it to the job)"
-            )
         env[str(key)] = str(value)
     return env
 

@@ -3,8 +3,8 @@
 Written by rank 0 at the start of every attempt (a SLURM requeue is a new attempt of the same run) and
 again at its end. Torch-free: versions come from package metadata, the GPU name from torch only when the
 trainer has already imported it. The environment is never dumped; only the SLURM ids in `SLURM_VARS` are
-read, so tokens and keys in the environment cannot reach the file; a copied plan is redacted by the one
-secret predicate (telepathy/secrets.py).
+read, so tokens and keys in the environment cannot reach the file; and every write is redacted by the one
+secret predicate (telepathy/secrets.py), whatever the copied plan and config hold.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def start(cfg: RunConfig, code_dir: str | Path = REPO_ROOT) -> dict[str, Any]:
     old = _read_json(run_dir.manifest) or {}
     attempts = list(old.get("attempts", []))
     attempt = _attempt()
-    plan = redact(_read_json(run_dir.plan))
+    plan = _read_json(run_dir.plan)
     manifest = {
         "schema": SCHEMA,
         "run": cfg.name,
@@ -244,7 +244,7 @@ def recorded(cfg: RunConfig, enabled: bool = True, preempted: tuple[type[BaseExc
 
 
 def _write(run_dir: RunDir, manifest: dict[str, Any]) -> None:
-    atomic_write_json(run_dir.manifest, manifest)
+    atomic_write_json(run_dir.manifest, redact(manifest))  # every write, whatever a plan or config holds
 
 
 def load(run_dir: str | Path) -> dict[str, Any] | None:

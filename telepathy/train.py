@@ -70,6 +70,7 @@ from telepathy.metrics import MetricsWriter, Progress, eval_record
 from telepathy.registry import load_registry
 from telepathy.rundir import EXIT_PREEMPTED, RunDir
 from telepathy.sampler import StepSampler
+from telepathy.secrets import RedactingFilter
 from telepathy.step import Batch, TelepathyModel, build_telepathy_model
 
 # Methods trained by gradient steps through the loop below; the linear probe is fitted, the rest only evaluate.
@@ -602,6 +603,7 @@ def _setup_logging(run_dir: RunDir, rank: int) -> list[logging.Handler]:
         handlers.append(logging.StreamHandler(sys.stderr))
     for h in handlers:
         h.setFormatter(fmt)
+        h.addFilter(RedactingFilter())  # a library's line that echoes HF_TOKEN=... stays out of the logs
         root.addHandler(h)
     return handlers
 
