@@ -216,11 +216,14 @@ def _cost_basis(recipe) -> str:
 
 
 def show_recipe(recipe, root: Path, runs, jobs, *, as_json: bool) -> int:
-    from launcher import submit  # noqa: PLC0415  (renders the sbatch text with submitit, as submission does)
+    from launcher import slurm, submit  # noqa: PLC0415  (renders the sbatch text with submitit, as submission does)
 
     arrays = []
+    reachable = slurm.slurm_available()  # where SLURM answers, a request no node can satisfy is caught now
     for folder, members in jobs:
         plans = [r.plan for r in members]
+        if reachable:
+            submit.check_fits(plans[0])
         params = submit.slurm_parameters(plans, name=folder.name, code_dir=RunDir(folder).next_code_snapshot())
         resources = {
             k: params.get(k)

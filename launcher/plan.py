@@ -157,7 +157,23 @@ def layout_for(gpus: int, profile: ClusterProfile, mode: str) -> Layout:
             f"--gpus {gpus} cannot be laid out on {g}-GPU nodes of profile '{profile.name}'; "
             f"use 1-{g} GPUs on one node or a multiple of {g} ({g * 2}, {g * 3}, ...)"
         )
+    if profile.max_nodes is not None and gpus // g > profile.max_nodes:
+        raise UserError(
+            f"--gpus {gpus} needs {gpus // g} nodes of {g} GPUs and profile '{profile.name}' has at most "
+            f"{profile.max_nodes} (max_nodes); use at most --gpus {profile.max_nodes * g}"
+        )
     return Layout(gpus // g, g)
+
+
+# A layout whose one-sample-per-GPU batch exceeds the target this many times over is refused at planning:
+# training at 512 instead of 12 changes the optimisation, not just the speed.
+MAX_BATCH_OVER_TARGET = 4
+
+
+def _most_gpus(limit: int, profile: ClusterProfile, mode: str) -> int:
+    """The largest GPU count at or below `limit` that lays out (whole nodes beyond one)."""
+    g = profile.gpus_per_node
+    return limit if mode != "slurm" or limit <= g else limit // g * g
 
 
 def choose_batch(target: int, max_micro: int, world: int) -> tuple[int, int, int]:
@@ -243,6 +259,12 @@ def make_plan(
         )
     target = global_batch or (row.effective_batch if row is not None and source == "table" else DEFAULT_GLOBAL_BATCH)
     micro, accum, glob = choose_batch(target, max_micro, world)
+    if glob > MAX_BATCH_OVER_TARGET * target:  # rounding alone stays below: only more GPUs than samples
+        raise UserError(
+            f"--gpus {world} makes the global batch at least {glob} (1 sample per GPU), over "
+            f"{MAX_BATCH_OVER_TARGET}x the target {target}: a different experiment; use at most --gpus "
+            f"{_most_gpus(MAX_BATCH_OVER_TARGET * target, profile, mode)}, or ask for it with --global-batch {glob}"
+        )
     if glob != target:
         why = (
             f"{world} GPUs x at least 1 sample"

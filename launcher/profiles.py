@@ -51,6 +51,9 @@ class ClusterProfile:
     container_image: str | None = None
     container_runtime: str = "pyxis"
     container_mounts: tuple[str, ...] = ()  # host paths (or host:container) besides those, e.g. ["/scratch"]
+    # The most nodes one job may ask (the cluster's or the partition's size; null: unknown). A larger plan is an
+    # error at planning; where SLURM answers, submission and --dry-run also check against sinfo.
+    max_nodes: int | None = None
     max_array_size: int = 1001
     array_parallelism: int = 64
     signal_delay_s: int = 120
@@ -81,7 +84,7 @@ class ClusterProfile:
         for k in ("max_requeues", "max_restarts", "signal_delay_s"):
             if getattr(self, k) < 0:
                 raise UserError(f"cluster profile '{self.name}': {k} must be 0 or more (got {getattr(self, k)})")
-        for k in ("cpus_per_gpu", "mem_per_gpu_gb"):
+        for k in ("cpus_per_gpu", "mem_per_gpu_gb", "max_nodes"):
             if getattr(self, k) is not None and getattr(self, k) <= 0:
                 raise UserError(f"cluster profile '{self.name}': {k} must be positive or null (got {getattr(self, k)})")
         if self.cpus_per_node < self.gpus_per_node and self.cpus_per_gpu is None:

@@ -87,6 +87,23 @@ def test_rounding_is_said():
     assert any("instead of the target 8" in n for n in plan.batch.notes)
 
 
+def test_a_plan_larger_than_the_cluster_is_refused_at_planning():
+    pair = REG.pair("llama3b-qwen3b")
+    four = load_profile("dgx-h100", {"max_nodes": "4"}, environ={})
+    assert make_plan(pair, cfg(pair), gpus=32, profile=four, mode="slurm", global_batch=32).layout.nodes == 4
+    with pytest.raises(UserError, match=r"needs 5 nodes .* at most 4 \(max_nodes\); use at most --gpus 32"):
+        make_plan(pair, cfg(pair), gpus=40, profile=four, mode="slurm", global_batch=40)
+
+
+def test_a_global_batch_far_beyond_the_target_is_refused_unless_asked_for():
+    """More GPUs than samples: 1 sample per GPU already exceeds the table row's 12 past 4x (at 4x: a note)."""
+    pair = REG.pair("llama3b-qwen3b")
+    assert make_plan(pair, cfg(pair), gpus=48, profile=DGX, mode="slurm").batch.global_batch == 48
+    with pytest.raises(UserError, match="--gpus 56 makes the global batch at least 56 .* target 12.*--gpus 48"):
+        make_plan(pair, cfg(pair), gpus=56, profile=DGX, mode="slurm")
+    assert make_plan(pair, cfg(pair), gpus=56, profile=DGX, mode="slurm", global_batch=56).batch.global_batch == 56
+
+
 def test_no_row_uses_memory_model():
     pair = REG.pair("qwen7b-mistral7b")
     plan = make_plan(pair, cfg(pair), gpus=8, profile=DGX, mode="slurm")
