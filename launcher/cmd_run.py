@@ -180,6 +180,10 @@ def handle_recipe(args) -> int:
     given = [flag for flag, v in (("--pair", args.pair), ("--sender", args.sender), ("--sweep", args.sweep)) if v]
     if given:
         raise UserError(f"{given[0]} does not go with --recipe: the recipe names its pairs and runs")
+    for flag, value in (("--methods", args.methods), ("--seeds", args.seeds)):
+        if value is not None and not value.strip(", "):
+            example = "bridge,lora" if flag == "--methods" else "1,2"
+            raise UserError(f"{flag} is empty; list at least one ({flag} {example})")
     request = request_from_args(args)
     recipe = recipes.with_cli(recipes.load_recipe(args.recipe), request, args.methods, args.seeds)
     root, runs, folders = recipes.recipe_runs(recipe, request, gpus=args.gpus)

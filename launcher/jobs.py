@@ -90,13 +90,19 @@ class JobRecord:
                 f"{root} holds no submitted SLURM jobs ({RunDir(root).jobs.name} missing); pass a run or "
                 "sweep folder that `launch` submitted"
             )
-        return cls(
-            root=d["root"],
-            kind=d["kind"],
-            tasks=[TaskRecord(**t) for t in d["tasks"]],
-            submissions=d.get("submissions", []),
-            schema=d.get("schema", SCHEMA),
-        )
+        try:
+            return cls(
+                root=d["root"],
+                kind=d["kind"],
+                tasks=[TaskRecord(**t) for t in d["tasks"]],
+                submissions=d.get("submissions", []),
+                schema=d.get("schema", SCHEMA),
+            )
+        except (KeyError, TypeError, AttributeError) as e:  # valid JSON, not a job record (edited, truncated)
+            raise UserError(
+                f"job record {RunDir(root).jobs} is damaged ({type(e).__name__}: {e}); restore it from a backup, "
+                "or remove the folder and submit again"
+            ) from None
 
     # ------------------------------------------------------------------ select
     def select(self, indices: Sequence[int] | None) -> list[TaskRecord]:

@@ -341,7 +341,9 @@ def build_plans(request: LaunchRequest) -> tuple[list[Plan], Path | None]:
 
     pair = reg.pair(request.pair, request.sender, request.receiver)
     task = request.overrides.get("data", {}).get("task", DataConfig.task)
-    name = check_name(request.name) if request.name else default_name(pair.name, task)
+    name = check_name(request.name) if request.name is not None else default_name(pair.name, task)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"runs folder {root} (--runs-dir or TELEPATHY_RUNS) is a file; pass a folder")
     if not request.sweep:
         return [plan_for(pair, root / name, name)], None
     sweep_dir = root / name

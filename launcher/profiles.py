@@ -99,6 +99,11 @@ class ClusterProfile:
                 f"cluster profile '{self.name}': container_runtime must be one of {', '.join(CONTAINER_RUNTIMES)} "
                 f"(got {self.container_runtime})"
             )
+        if self.gpu_type is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", str(self.gpu_type)):
+            raise UserError(
+                f"cluster profile '{self.name}': gpu_type {self.gpu_type!r} is not a GRES type name (e.g. h100); "
+                "the launcher adds the count itself"
+            )
         self._check_no_secrets()
         for arg in self.sbatch_args:
             key = sbatch_option(arg)[0]
@@ -261,6 +266,7 @@ def load_profile(
         raise UserError(
             f"cluster profile {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
+    _check_types(raw, path)
     values: dict[str, Any] = dict(raw)
     values.setdefault("name", path.stem)
     _override(values, {k: environ.get(env_var(k)) for k in OVERRIDABLE}, env_var)
@@ -269,6 +275,17 @@ def load_profile(
         return ClusterProfile.from_dict(values)
     except TypeError as e:
         raise UserError(f"cluster profile {path}: {e}; see configs/clusters/dgx-h100.yaml") from None
+
+
+def _check_types(raw: dict[str, Any], path: Path) -> None:
+    """A YAML value of the wrong kind (`gpus_per_node: eight`) named with its field, not a TypeError later."""
+    for key, value in raw.items():
+        parse = OVERRIDABLE.get(key)
+        if value is None or parse not in (int, float, boolean):
+            continue
+        ok = isinstance(value, bool) if parse is boolean else isinstance(value, (int, float) if parse is float else int)
+        if not ok or (parse is not boolean and isinstance(value, bool)):
+            raise UserError(f"cluster profile {path}: {key}: {value!r} is not a {_kind(key)}; fix the file")
 
 
 def flag(name: str) -> str:
