@@ -120,8 +120,8 @@ def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv = _config_dir(argv)
-        mine = Path(os.environ.get("TELEPATHY_CONFIG_DIR") or ".").expanduser()
-        if mine.exists() and not mine.is_dir():
+        mine = os.environ.get("TELEPATHY_CONFIG_DIR")
+        if mine and Path(mine).expanduser().is_file():  # else every layered lookup would silently miss it
             raise UserError(f"configuration folder {mine} (--config-dir, TELEPATHY_CONFIG_DIR) is a file; use a folder")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
