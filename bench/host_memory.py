@@ -1,9 +1,9 @@
 """Peak host memory of one node while a run loads and takes its first steps: FSDP (frozen models built on the
 meta device, shards filled from rank 0's one copy) against DDP (every rank holds whole models, as FSDP did
-before). Real torchrun with N CPU processes (gloo), the bench-llama -> bench-mistral pair (random weights,
-a llama-shaped random-weight pair of ~0.8 B parameters each (defined here, in a user registry), RSS of the whole
-process tree sampled every 20 ms; the same run of the tiny pair gives the per-process overhead (interpreter,
-torch, transformers) that is subtracted before counting model copies.
+before). Real torchrun with N CPU processes (gloo), a llama-shaped random-weight pair of ~0.4 B parameters
+each (defined here, in a user registry), RSS of the whole process tree sampled every 20 ms; the same run of
+the tiny pair gives the per-process overhead (interpreter, torch, transformers) that is subtracted before
+counting model copies.
 
     python bench/host_memory.py [--ranks 4] [--out bench/HOST_MEMORY.md]
 """
@@ -35,12 +35,12 @@ MODEL = {
     "family": "llama",
     "weights": "random",
     "tokenizer": "mistral-common:tokenizer.model.v1",
-    "hidden": 2048,
-    "layers": 14,
-    "heads": 16,
-    "kv_heads": 8,
+    "hidden": 1536,
+    "layers": 12,
+    "heads": 12,
+    "kv_heads": 4,
     "head_dim": 128,
-    "intermediate": 5632,
+    "intermediate": 4096,
     "vocab": 32768,
     "tied_embeddings": False,
     "rope_theta": 500000.0,
