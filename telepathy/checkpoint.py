@@ -169,7 +169,9 @@ def _full(write: Callable[[], None], run_dir: RunDir, need: int) -> bool:
     except Exception as e:
         if not disk_full(e, run_dir.checkpoints, need):
             raise
-        log.error("checkpoint write failed for lack of space: %s", e)
+        log.error(
+            "checkpoint write failed for lack of space: %s", str(e)
+        )  # str: a kept record holding e would keep its frames and their open files
         return True
     return False
 
