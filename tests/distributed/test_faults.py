@@ -40,8 +40,9 @@ class Arrivals:
         self._thread.start()
 
     def _poll(self) -> None:
-        done = 0
-        while not self._stop.wait(0.02):
+        done, last = 0, False
+        while not last:
+            last = self._stop.wait(0.02)  # one more read after close(): the lines written since the last one
             text = self.metrics.read_text() if self.metrics.exists() else ""
             lines = text.splitlines()[: text.count("\n")]  # complete lines only
             now = time.time()
