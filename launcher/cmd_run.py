@@ -13,6 +13,7 @@ from pathlib import Path
 from launcher import preflight
 from launcher.flags import add_layout_flags, add_model_flags, add_run_flags, request_from_args
 from launcher.plan import Plan, build_plans, torchrun_command
+from launcher.profiles import TORCHRUN_ENV
 from launcher.show import plan_table
 from telepathy.errors import UserError
 from telepathy.files import atomic_write_json, read_json
@@ -168,6 +169,7 @@ def run_here(plan: Plan) -> int:
     argv = torchrun_command(plan, config_path=str(run_dir.config))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # N processes on one machine must not each take every core
+    env.update(TORCHRUN_ENV)
     return subprocess.call([torchrun] + argv[1:], env=env)
 
 

@@ -22,6 +22,13 @@ from telepathy.secrets import is_secret_name, literal_secret_assignments
 DEFAULT_PROFILE = "dgx-h100"
 
 
+# For torchrun itself: with --max-restarts, torch >= 2.4's agent hands its own TCP store to every attempt's
+# workers, and the keys an earlier attempt's process group left there (gloo addresses, NCCL ids) are read by
+# the next one: its workers connect to dead peers and time out instead of restarting (seen with gloo). This
+# opt-out gives every attempt a fresh store hosted by its rank 0, as before torch 2.4.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
 @dataclass(frozen=True)
 class ClusterProfile:
     name: str

@@ -33,7 +33,7 @@ from submitit import SlurmExecutor
 from launcher import slurm
 from launcher.jobs import JobRecord
 from launcher.plan import Plan
-from launcher.profiles import apply_overrides, sbatch_option
+from launcher.profiles import TORCHRUN_ENV, apply_overrides, sbatch_option
 from telepathy.errors import UserError
 from telepathy.files import atomic_write_bytes
 from telepathy.hub import hub_env
@@ -113,6 +113,7 @@ def job_env(plan: Plan, code_dir: Path) -> dict[str, str]:
         "OMP_NUM_THREADS": str(max(1, prof.cpus_for(gpus) // gpus)),  # the node's CPUs shared by its workers
         "TELEPATHY_CONFIGS": str(code_dir / "configs"),
         "TELEPATHY_CONFIG_DIR": str(code_dir / USER_CONFIGS),
+        **TORCHRUN_ENV,
         **hub_env(prof),
     }
     for key, value in prof.env.items():  # secret names: refused by the profile itself (ClusterProfile)

@@ -26,6 +26,7 @@ read more than about once in total, i.e. several epochs or several sweep tasks o
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -47,7 +48,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from telepathy.bridge_shape import source_layer
-from telepathy.files import atomic_write_text, sha256_file
+from telepathy.errors import UserError
+from telepathy.files import atomic_write_text, check_space, disk_full, free_bytes, no_space, sha256_file
 from telepathy.loading import compute_dtype, load_model, select_attention
 from telepathy.metrics import Progress
 from telepathy.tokenizers import cache_dir
@@ -59,6 +61,7 @@ SHARD_BYTES = 256 * 1024**2  # a shard is written once it holds this much (one s
 BUILD_TOKENS = 16384  # sender tokens per forward batch while building (padding included)
 STAMP = "verified.json"  # written by the builder once every shard's checksum matched
 LOCK_STALE_S = 120.0  # a builder's lock not refreshed for this long is abandoned (heartbeat every 1/4 of it)
+NO_SPACE_FIX = "free space there or set TELEPATHY_CACHE to a larger disk"
 
 
 def cache_root() -> Path:
@@ -285,8 +288,12 @@ def _exclusive(lock_path: Path, poll_log_s: float = 60.0):
                 log.info("sender cache: still waiting for another builder (%s)", lock_path.name)
                 start = time.monotonic()
             time.sleep(0.2)
-    with os.fdopen(fd, "w") as f:
-        json.dump(_owner(), f)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_owner(), f)
+    except BaseException:  # e.g. a full disk: a lock left behind would hold every other builder for LOCK_STALE_S
+        lock_path.unlink(missing_ok=True)
+        raise
     stop = threading.Event()
 
     def heartbeat() -> None:
@@ -304,12 +311,28 @@ def _exclusive(lock_path: Path, poll_log_s: float = 60.0):
         lock_path.unlink(missing_ok=True)
 
 
+class _NoSpace(Exception):
+    """A shard that does not fit (checked before writing it, or its write failed for lack of space)."""
+
+    def __init__(self, need: int):
+        super().__init__(f"{need} bytes do not fit")
+        self.need = need
+
+
 def _write_shard(tmp: Path, name: str, first: int, parts: list[torch.Tensor], hidden: int) -> dict:
     lengths = [p.size(0) for p in parts]
     offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
     states = torch.cat(parts) if parts else torch.zeros(0, hidden)
-    save_file({"states": states.contiguous(), "offsets": offsets}, str(tmp / name))
     f = tmp / name
+    need = states.nelement() * states.element_size() + offsets.nelement() * 8 + 4096  # + the header
+    try:
+        if free_bytes(tmp) < need:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        save_file({"states": states.contiguous(), "offsets": offsets}, str(f))
+    except Exception as e:
+        if disk_full(e, tmp, need):
+            raise _NoSpace(need) from e
+        raise
     with f.open("rb") as fh:
         os.fsync(fh.fileno())
     return {
@@ -379,29 +402,46 @@ def ensure(
     *,
     group: tuple[int, int] = (0, 1),
     verify: bool = False,
+    need_bytes: int = 0,
 ) -> tuple[SenderCache, bool]:
     """(cache, built): the valid entry for `key`, built when missing or invalid by `compute(indices)`, which
     yields (index, (len, d) states) for the consecutive examples `indices` in order. `group` = (rank, world)
     of the job's process group: every rank calls this, and each computes its slice of a build. Safe with any
-    number of concurrent jobs: at most one builds, the others wait for it and read."""
+    number of concurrent jobs: at most one builds, the others wait for it and read.
+
+    `need_bytes`, what the entry will take, is checked against the free space before building (before the
+    sender runs). Out of space then or during the build, every rank raises the same one-line UserError; the
+    half-built folder is removed and every other entry is left as it was."""
     root = root or cache_root()
     path = root / key.dirname
     rank, world = group
     manifest, why = _check(path, key, verify=verify)
     if manifest:
         return SenderCache(path, manifest), False
+    what = f"sender cache {key.dirname}"
+    short = 0  # rank 0: bytes that did not fit (a build stopped for lack of space)
     with contextlib.ExitStack() as held:
-        plan: list = [None]
+        plan: list = [None, None]  # [the folder to build in, or the error that stops every rank]
         if rank == 0:
-            held.enter_context(_exclusive(root / f".{key.dirname}.lock"))
-            manifest, why = _check(path, key, verify=verify)  # another job may have built it while we waited
-            if not manifest:
-                for leftover in root.glob(f".{key.dirname}.tmp-*"):  # a crashed builder's; we hold the lock
-                    shutil.rmtree(leftover, ignore_errors=True)
-                plan = [str(root / f".{key.dirname}.tmp-{socket.gethostname()}-{os.getpid()}")]
-                log.info("sender cache: building %s (%s) on %d rank(s)", key.dirname, why, world)
+            try:
+                held.enter_context(_exclusive(root / f".{key.dirname}.lock"))
+                manifest, why = _check(path, key, verify=verify)  # another job may have built it while we waited
+                if not manifest:
+                    for leftover in root.glob(f".{key.dirname}.tmp-*"):  # a crashed builder's; we hold the lock
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    check_space(root, what, need_bytes, NO_SPACE_FIX)
+                    plan[0] = str(root / f".{key.dirname}.tmp-{socket.gethostname()}-{os.getpid()}")
+                    log.info("sender cache: building %s (%s) on %d rank(s)", key.dirname, why, world)
+            except UserError as e:
+                plan[1] = str(e)
+            except OSError as e:  # not even the lock file fits
+                if not disk_full(e, root, need_bytes):
+                    raise
+                plan[1] = str(no_space(root, what, need_bytes, NO_SPACE_FIX))
         if world > 1:
             torch.distributed.broadcast_object_list(plan, src=0)
+        if plan[1] is not None:
+            raise UserError(plan[1])
         if plan[0] is not None:
             tmp = Path(plan[0])
             try:
@@ -410,19 +450,33 @@ def ensure(
                 if world > 1:
                     torch.distributed.barrier()
                 mine = _slice(key.n_examples, rank, world)
-                part = _write_part(tmp, rank, key, mine, compute(mine))
+                try:
+                    part = _write_part(tmp, rank, key, mine, compute(mine))
+                except _NoSpace as e:
+                    part = {"no_space": e.need}  # told to every rank below, instead of leaving them waiting
                 parts = [None] * world
                 if world > 1:
                     torch.distributed.all_gather_object(parts, part)
                 else:
                     parts = [part]
                 if rank == 0:
-                    _publish(tmp, path, key, parts)
+                    short = sum(p.get("no_space", 0) for p in parts)
+                    if not short:
+                        try:
+                            _publish(tmp, path, key, parts)
+                        except OSError as e:
+                            if not disk_full(e, tmp, 0):
+                                raise
+                            short = need_bytes or 1
             finally:
                 if rank == 0:
                     shutil.rmtree(tmp, ignore_errors=True)
-        if world > 1:
-            torch.distributed.barrier()  # published (or failed on rank 0) before anyone reads
+    # published (or not, for lack of space) before anyone reads: rank 0's word, in place of a barrier
+    box = [str(no_space(root, what, max(need_bytes, short), NO_SPACE_FIX)) if short else None]
+    if world > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
     manifest, why = _check(path, key)
     if not manifest:
         raise RuntimeError(f"sender cache {path} is not usable after building it ({why})")
@@ -510,6 +564,9 @@ def sender_cache_for(
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
-    cache, built = ensure(key, compute, root, group=(rank, world))
+    # states at their real length plus offsets (the shard headers are small)
+    tokens = sum(len(r) for r in sender_ids)
+    need = tokens * pair.sender.hidden * torch.empty((), dtype=dtype).element_size() + 8 * (len(sender_ids) + 1)
+    cache, built = ensure(key, compute, root, group=(rank, world), need_bytes=need)
     log.info("sender cache: %s %s (%d examples)", "built" if built else "reading", cache.path, len(cache))
     return cache

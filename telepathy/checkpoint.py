@@ -7,7 +7,8 @@ world size to resume it), the step, sampler position, LR scheduler, backend and 
 python / numpy / torch / CUDA generator states, and last a manifest with the sha256 and size of every file.
 
 Every rank writes its files into the folder's temporary twin, rank 0 then fsyncs and checksums them, writes
-the manifest and renames the folder into place, so a reader sees a whole checkpoint or none.
+the manifest and renames the folder into place, so a reader sees a whole checkpoint or none. A write killed
+half-way leaves only that twin: never read, removed by the next save of its step or the next resume.
 `latest_valid` re-hashes and falls back to the previous checkpoint when the newest is damaged.
 """
 
@@ -30,7 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from telepathy import faults
-from telepathy.files import atomic_write_json, fsync_dir, sha256_file
+from telepathy.errors import UserError
+from telepathy.files import atomic_write_json, disk_full, free_bytes, fsync_dir, no_space, sha256_file
 from telepathy.rundir import RunDir, StepDir
 
 log = logging.getLogger(__name__)
@@ -73,11 +75,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save(
     run_dir: RunDir,
     step: int,
@@ -89,16 +86,22 @@ def save(
     write_rank_files: Callable[[StepDir], None] | None = None,
 ) -> StepDir:
     """Collective: every rank calls it. `bridge`/`optimizer`/`state` are used on rank 0 (None elsewhere);
-    `write_rank_files(folder)` runs on every rank for backend-sharded state (DeepSpeed)."""
+    `write_rank_files(folder)` runs on every rank for backend-sharded state (DeepSpeed).
+
+    Out of space (checked before writing, recognised if a write fails anyway): every rank raises the same
+    one-line UserError, the half-written folder is removed and the previous checkpoint stays the newest."""
     rank = _rank()
     final = run_dir.step(step)
     tmp = StepDir(final.tmp)
-    if rank == 0:
-        shutil.rmtree(tmp.path, ignore_errors=True)  # a write that died half-way
-        tmp.path.mkdir(parents=True)
-    _barrier()
+    full, need = False, 0
     if rank == 0:
         assert bridge is not None and state is not None
+        shutil.rmtree(tmp.path, ignore_errors=True)  # a write that died half-way
+        need = _bytes_needed(bridge, optimizer)
+        full = free_bytes(run_dir.checkpoints) < need or _full(lambda: tmp.path.mkdir(parents=True), run_dir, need)
+    _agree(full, run_dir, step, need)
+
+    def rank0_files() -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in bridge.items()}, str(tmp.bridge))
         if faults.due("checkpoint-bridge", step, rank, run_dir):
             os.truncate(tmp.bridge, tmp.bridge.stat().st_size // 2)  # as a write killed half-way leaves it
@@ -106,32 +109,103 @@ def save(
         if optimizer is not None:
             torch.save(optimizer, tmp.optimizer)
         tmp.state.write_text(json.dumps({"step": step, **state}, indent=2, sort_keys=True) + "\n")
-    torch.save(rng_state(), tmp.rng(rank))
-    if write_rank_files is not None:
-        write_rank_files(tmp)
-    _barrier()
-    if rank == 0:
-        files = {}
+
+    def own_files() -> None:
+        torch.save(rng_state(), tmp.rng(rank))
+        if write_rank_files is not None:
+            write_rank_files(tmp)
+
+    full = rank == 0 and _full(rank0_files, run_dir, need)
+    full = full or _full(own_files, run_dir, need)
+    _agree(full, run_dir, step, need)
+
+    files: dict[str, dict[str, Any]] = {}
+
+    def manifest() -> None:
         for p in sorted(q for q in tmp.path.rglob("*") if q.is_file()):
             _fsync(p)
             files[str(p.relative_to(tmp.path))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         faults.kill("checkpoint-manifest", step, rank, run_dir)
         atomic_write_json(tmp.manifest, {"step": step, "files": files})
-        faults.kill("checkpoint-rename", step, rank, run_dir)
-        if final.path.exists():  # an unverifiable leftover of the same step (we resumed from before it)
-            shutil.rmtree(final.path)
-        os.rename(tmp.path, final.path)
-        fsync_dir(final.path.parent)
-        prune(run_dir, keep)
-        log.info("checkpoint %s written (%d files)", final.path, len(files) + 1)
-    _barrier()  # nobody moves on (or exits after preemption) before the checkpoint is in place
+
+    if rank == 0:
+        full = _full(manifest, run_dir, need)
+        if not full:
+            faults.kill("checkpoint-rename", step, rank, run_dir)
+            if final.path.exists():  # an unverifiable leftover of the same step (we resumed from before it)
+                shutil.rmtree(final.path)
+            os.rename(tmp.path, final.path)
+            fsync_dir(final.path.parent)
+            prune(run_dir, keep)
+            log.info("checkpoint %s written (%d files)", final.path, len(files) + 1)
+    _agree(full, run_dir, step, need)  # nobody moves on (or exits after preemption) before the checkpoint is in place
     return final
+
+
+NO_SPACE_FIX = "free space there or move the run folder to a larger disk"
+_SLACK = 64 * 1024  # file headers, pickling, state.json and the manifest: small next to the tensors
+
+
+def _bytes_needed(bridge: dict[str, torch.Tensor], optimizer: dict[str, Any] | None) -> int:
+    """What the checkpoint will take on disk (DeepSpeed's own shards aside): the tensors written, plus slack."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return _tensor_bytes(bridge) + _tensor_bytes(optimizer) + world * _tensor_bytes(rng_state()) + _SLACK
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _full(write: Callable[[], None], run_dir: RunDir, need: int) -> bool:
+    """Run `write`; True instead of the exception when it failed for lack of space (any other error raises)."""
+    try:
+        write()
+    except Exception as e:
+        if not disk_full(e, run_dir.checkpoints, need):
+            raise
+        log.error(
+            "checkpoint write failed for lack of space: %s", str(e)
+        )  # str: a kept record holding e would keep its frames and their open files
+        return True
+    return False
+
+
+def _agree(full: bool, run_dir: RunDir, step: int, need: int) -> None:
+    """Collective, in place of a barrier: when any rank ran out of space, rank 0 removes the half-written folder
+    and every rank raises the same one-line error, so none is left waiting in a barrier for one that left."""
+    flags = [full]
+    if dist.is_initialized():
+        flags = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, full)
+    if not any(flags):
+        return
+    box: list[str | None] = [None]
+    if _rank() == 0:
+        shutil.rmtree(run_dir.step(step).tmp, ignore_errors=True)
+        box = [str(no_space(run_dir.checkpoints, f"checkpoint step {step}", need, NO_SPACE_FIX))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    raise UserError(box[0])
 
 
 def prune(run_dir: RunDir, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints."""
     for old in run_dir.step_dirs()[keep:]:
         shutil.rmtree(old.path, ignore_errors=True)
+
+
+def remove_partial(run_dir: RunDir) -> None:
+    """Rank 0 at resume, before anyone writes: remove the temporary folders of writes that were killed (they
+    are never read; one of a step that is not saved again would otherwise stay forever)."""
+    for leftover in run_dir.partial_step_dirs():
+        log.warning("removing the partial checkpoint %s (its write was interrupted)", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def discard_after(run_dir: RunDir, step: int) -> None:

@@ -5,9 +5,11 @@ Torch-free. A reader of a file written here sees the old content or the new, nev
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,6 +73,55 @@ def read_json(path: str | Path, what: str = "file") -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         line = f" (line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
         raise UserError(f"{what} {path} is not valid JSON{line}; restore or remove it") from None
+
+
+# ---- a full disk (or quota): checked before a big write, recognised when a write fails anyway (the check races)
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))  # as wrapped by safetensors' Rust errors
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space (for this user) on the filesystem that holds `path`, or would hold it once created."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def no_space(path: str | Path, what: str, need: int, fix: str) -> UserError:
+    return UserError(
+        f"no space left on {path}: {what} needs {format_bytes(need)}, {format_bytes(free_bytes(path))} free; {fix}"
+    )
+
+
+def check_space(path: str | Path, what: str, need: int, fix: str) -> None:
+    """A one-line UserError before writing `need` bytes under `path` if they cannot fit."""
+    if free_bytes(path) < need:
+        raise no_space(path, what, need, fix)
+
+
+def disk_full(error: BaseException, path: str | Path, need: int) -> bool:
+    """Whether a failed write of `need` bytes under `path` failed for lack of space. Only plain file writes say
+    ENOSPC: torch.save reports "unexpected pos" and safetensors its own error type, so a failure while less
+    than `need` is free counts too (the write could not have fit)."""
+    e: BaseException | None = error
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno in _FULL) or any(s in str(e) for s in _FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        return free_bytes(path) < need
+    except OSError:
+        return False
 
 
 def utc_now() -> str:

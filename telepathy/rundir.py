@@ -29,6 +29,7 @@ from telepathy.files import atomic_write_json, read_json
 # node entry whose job asked to be requeued.
 EXIT_PREEMPTED = 75
 _STEP = re.compile(r"^step_(\d+)$")
+_TMP = ".tmp_"  # a checkpoint folder's temporary twin: StepDir.tmp
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class StepDir:
     @property
     def tmp(self) -> Path:
         """Where the checkpoint is assembled before one rename publishes it."""
-        return self.path.with_name(".tmp_" + self.path.name)
+        return self.path.with_name(_TMP + self.path.name)
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,16 @@ class RunDir:
             return []
         found = [StepDir(p) for p in self.checkpoints.iterdir() if p.is_dir() and _STEP.match(p.name)]
         return sorted(found, key=lambda s: s.step, reverse=True)
+
+    def partial_step_dirs(self) -> list[Path]:
+        """Temporary checkpoint folders (StepDir.tmp) that writes killed half-way left behind."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(
+            p
+            for p in self.checkpoints.iterdir()
+            if p.is_dir() and _STEP.match(p.name.removeprefix(_TMP)) and p.name.startswith(_TMP)
+        )
 
     @property
     def report(self) -> Path:

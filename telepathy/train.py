@@ -220,6 +220,7 @@ class Trainer:
             return
         found = None
         if self.rank == 0:
+            ckpt.remove_partial(self.dir)
             found = ckpt.latest_valid(self.dir)
             if found is not None:
                 ckpt.discard_after(self.dir, found.step)

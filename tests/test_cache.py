@@ -1,12 +1,14 @@
 """Sender cache (telepathy/cache.py): training from cached states equals training with the live sender,
 concurrent builders produce one valid entry, a build split over a torchrun group equals one process's,
 readers trust the builder's stamp (a partial or unstamped entry is rebuilt, a corrupted one on `verify`),
-and the lock file survives builders that die."""
+the lock file survives builders that die, and a full disk stops a build with one line, leaving nothing
+behind and every other entry intact."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,11 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
+import small_disk
 import torch
+from safetensors.torch import save_file
 
 from telepathy import cache as C
 from telepathy.config import DataConfig, RunConfig, TrainConfig
 from telepathy.data import Collator, load_task
+from telepathy.errors import UserError
+from telepathy.files import disk_full, format_bytes
 from telepathy.loading import compute_dtype, load_model
 from telepathy.registry import load_registry
 from telepathy.sampler import StepSampler
@@ -326,3 +332,35 @@ def test_entry_with_tuple_valued_identity_reopens(tmp_path):
     C.ensure(key, lambda r: iter(enumerate(states)), tmp_path)
     cache = C.open_cache(key, tmp_path)
     assert cache is not None and all(torch.equal(cache.get(i), s) for i, s in enumerate(states))
+
+
+def test_disk_full_stops_a_build_and_leaves_other_entries_intact(tmp_path):
+    """In-process, one rank, on a real 1 MB tmpfs: the free-space check before building (the sender never
+    runs), then a shard that does not fit while building; safetensors' own ENOSPC error is recognised too."""
+    with small_disk.mounted(tmp_path / "disk", "1m") as root:
+        kept = C.CacheKey(model={"weights": "random"}, layer=1, dataset="d", ids_sha256="0" * 64, n_examples=1)
+        C.ensure(kept, lambda r: iter(enumerate([torch.randn(3, 4).bfloat16()])), root)
+        key = C.CacheKey(model={"weights": "random"}, layer=2, dataset="d", ids_sha256="0" * 64, n_examples=1)
+        free, calls = shutil.disk_usage(root).free, []
+
+        def compute(indices):
+            calls.append(indices)
+            yield 0, torch.zeros(300_000, 2, dtype=torch.bfloat16)  # a 1.2 MB shard
+
+        with pytest.raises(UserError) as e:
+            C.ensure(key, compute, root, need_bytes=1_200_000)
+        assert str(e.value) == (
+            f"no space left on {root}: sender cache {key.dirname} needs 1.2 MB, {format_bytes(free)} free; "
+            + C.NO_SPACE_FIX
+        )
+        assert calls == []  # checked before the sender ran
+        with pytest.raises(UserError, match=rf"^no space left on {root}: sender cache {key.dirname} needs 1.2 MB, "):
+            C.ensure(key, compute, root)  # no estimate given: the shard's own check stops it
+        assert len(calls) == 1 and C.open_cache(key, root) is None
+        assert C.open_cache(kept, root, verify=True) is not None
+        assert sorted(p.name for p in root.iterdir()) == [kept.dirname]  # no temporary folder, no lock
+        assert shutil.disk_usage(root).free == free
+
+        with pytest.raises(Exception) as e:  # what a write that runs into the full disk raises (the check raced)
+            save_file({"x": torch.zeros(400_000)}, str(root / "big.safetensors"))
+        assert disk_full(e.value, root, 0)  # by its message alone: safetensors raises its own type

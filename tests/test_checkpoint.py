@@ -1,13 +1,18 @@
-"""Checkpoints: round trip, RNG restore, pruning, crash-safety and fallback past a damaged newest one."""
+"""Checkpoints: round trip, RNG restore, pruning, crash-safety, fallback past a damaged newest one, and a
+full disk (a real 1 MB tmpfs) that stops a save with one line and leaves the previous checkpoint the newest."""
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
+import small_disk
 import torch
 
 from telepathy import checkpoint as ckpt
+from telepathy.errors import UserError
+from telepathy.files import format_bytes
 from telepathy.rundir import RunDir
 
 
@@ -116,3 +121,33 @@ def test_discard_after_removes_unusable_newer_ones(run):
 
 def test_no_checkpoint(run):
     assert ckpt.latest_valid(run) is None
+
+
+def test_disk_full_stops_the_save_and_keeps_the_previous_checkpoint(tmp_path):
+    """In-process, one rank (the multi-rank case: tests/distributed/test_faults.py). First the free-space check
+    (the bridge alone exceeds the disk), then a write that fails although the check passed: a file the estimate
+    does not cover (DeepSpeed's own shards, written by write_rank_files) runs into ENOSPC mid-write."""
+    with small_disk.mounted(tmp_path / "disk", "1m") as disk:
+        run = RunDir(disk / "run")
+        model, opt = bridge_and_optimizer()
+        write(run, 10, model, opt)
+        free = shutil.disk_usage(disk).free
+        big = {"w": torch.zeros(300_000)}  # 1.2 MB
+        with pytest.raises(UserError) as e:
+            ckpt.save(run, 20, bridge=big, optimizer=None, state={}, keep=2)
+        assert str(e.value) == (
+            f"no space left on {run.checkpoints}: checkpoint step 20 needs 1.3 MB, {format_bytes(free)} free; "
+            + ckpt.NO_SPACE_FIX
+        )
+
+        def shards(folder):
+            torch.save({"z": torch.zeros(400_000)}, folder.path / "zero.pt")  # 1.6 MB
+
+        with pytest.raises(UserError, match=r"^no space left on .*: checkpoint step 20 needs "):
+            ckpt.save(run, 20, bridge=model.state_dict(), optimizer=opt.state_dict(), state={}, keep=2,
+                      write_rank_files=shards)  # fmt: skip
+        assert [d.step for d in run.step_dirs()] == [10] and ckpt.latest_valid(run).step == 10
+        assert not run.partial_step_dirs() and not list(run.checkpoints.glob(".*"))
+        assert shutil.disk_usage(disk).free == free  # nothing half-written left taking space
+        write(run, 20, model, opt)  # the disk is usable again as soon as the checkpoint fits
+        assert ckpt.latest_valid(run).step == 20

@@ -80,6 +80,7 @@ def test_the_job_runs_the_snapshot_with_the_job_environment(tmp_path):
         "export HF_HOME='/shared/hf cache'",
         "export OMP_NUM_THREADS=1",
         f"export TELEPATHY_CONFIGS={code}/configs",
+        "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",  # torchrun restarts get a fresh store (profiles.py)
     ):
         assert line in script
     assert "# batch: micro" in script  # the header says what the planner chose and why

@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from launcher.profiles import TORCHRUN_ENV
 from telepathy.config import RunConfig
 from telepathy.rundir import RunDir
 
@@ -51,21 +53,27 @@ def worker_env() -> dict[str, str]:
         DS_ACCELERATOR="cpu",
         PYTHONPATH=str(REPO),
         PYTHONUNBUFFERED="1",
+        **TORCHRUN_ENV,
     )
 
 
-def worker_command(cfg: RunConfig, nproc: int) -> list[str]:
+def worker_command(cfg: RunConfig, nproc: int, max_restarts: int = 0) -> list[str]:
+    """`max_restarts`: torchrun's --max-restarts, as launcher/plan.py passes a profile's max_restarts."""
     config = str(cfg.dir.config)
     if nproc == 1:
         return [sys.executable, "-m", "telepathy.train", "--config", config]
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    return [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "telepathy.train", "--config", config]
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}"]
+    if max_restarts:
+        torchrun.append(f"--max-restarts={max_restarts}")
+    return [*torchrun, "-m", "telepathy.train", "--config", config]
 
 
-def start(cfg: RunConfig, nproc: int) -> subprocess.Popen:
+def start(cfg: RunConfig, nproc: int, max_restarts: int = 0, faults: str = "") -> subprocess.Popen:
+    """`faults`: TELEPATHY_FAULT for the workers (telepathy/faults.py)."""
     log = open(Path(cfg.run_dir) / f"launch_{time.monotonic_ns()}.log", "w")
+    env = dict(worker_env(), TELEPATHY_FAULT=faults)
     return subprocess.Popen(
-        worker_command(cfg, nproc), cwd=REPO, env=worker_env(), stdout=log, stderr=subprocess.STDOUT, text=True
+        worker_command(cfg, nproc, max_restarts), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
     )
 
 
@@ -77,8 +85,35 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> int:
         raise
 
 
-def launch(cfg: RunConfig, nproc: int, timeout: float = 240) -> int:
-    return finish(start(cfg, nproc), timeout)
+class Background:
+    """A tiny run started now and waited for by `result()`, so a test can run its own workers meanwhile."""
+
+    def __init__(self, cfg: RunConfig, **start_args):
+        self.cfg, self.t0 = cfg, time.monotonic()
+        self.proc, self.rc, self.wall_s = start(cfg, 2, **start_args), None, None
+        threading.Thread(target=self._timed, daemon=True).start()
+
+    def _timed(self) -> None:
+        self.proc.wait()
+        self.wall_s = time.monotonic() - self.t0  # when it ended, not when a test got round to asking
+
+    def wait(self, timeout: float = 240) -> int:
+        if self.rc is None:
+            self.rc = finish(self.proc, timeout)
+        return self.rc
+
+    def result(self) -> RunConfig:
+        assert self.wait() == 0, output(self.cfg)
+        return self.cfg
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:  # SIGTERM: torchrun passes it to its workers (SIGKILL would orphan them)
+            self.proc.terminate()
+            finish(self.proc, 60)
+
+
+def launch(cfg: RunConfig, nproc: int, timeout: float = 240, max_restarts: int = 0, faults: str = "") -> int:
+    return finish(start(cfg, nproc, max_restarts, faults), timeout)
 
 
 def output(cfg: RunConfig) -> str:
