@@ -244,7 +244,10 @@ def task_status(record: JobRecord, indices: list[int] | None = None) -> list[dic
                 "loss": last.get("loss"),
                 "complete": t.dir.is_complete(),
                 "checkpoint_on_preemption": t.dir.preempted_step(),
-                "failure": None if slurm.is_active(s.get("State", "")) else failure_reason(t.dir, t.job_id),
+                # a cancelled job's workers exit too, but that is no failure to explain
+                "failure": None
+                if slurm.is_active(state := s.get("State", "")) or state.startswith("CANCELLED")
+                else failure_reason(t.dir, t.job_id),
             }
         )
     return rows

@@ -35,6 +35,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -369,6 +370,13 @@ class NodeEntry:
                 task,
                 f"checkpoint at step {step} written; NOT requeued: already requeued {task.restarts} time(s) "
                 f"(max_requeues={max_requeues}). Continue with `launch resubmit`.",
+            )
+            return
+        if shutil.which("scontrol") is None:  # as in many containers: say so rather than try
+            _log(
+                task,
+                f"checkpoint at step {step} written; cannot requeue: no scontrol on this node's PATH. "
+                "Continue with `launch resubmit`.",
             )
             return
         # Said first: a successful requeue ends this job step, often before scontrol itself returns.
