@@ -205,6 +205,25 @@ def _total_steps(run_dir: RunDir) -> int | None:
         return None
 
 
+def failure_reason(run_dir: RunDir, job_id: str | None) -> str | None:
+    """Why job `job_id` of this task failed, as its node entries recorded it (launcher.node.record_failure):
+    of its newest attempt, the likeliest cause (torchrun killed, then a worker killed by a signal, then an
+    exit: a rank whose peer died exits after it), the earliest among equals. None when no node recorded one."""
+    found = []
+    for path in run_dir.node_failures():
+        try:
+            d = read_json(path, "node failure")
+        except UserError:
+            continue  # half-readable folder: status still shows the rest
+        if isinstance(d, dict) and d.get("job_id") == job_id and "reason" in d:
+            found.append(d)
+    if not found:
+        return None
+    newest = max(d["restarts"] for d in found)
+    d = min((d for d in found if d["restarts"] == newest), key=lambda d: (d["cause"], d["at"]))
+    return d["reason"]
+
+
 def task_status(record: JobRecord, indices: list[int] | None = None) -> list[dict[str, Any]]:
     """One row per task (stable keys: the `--json` schema of `launch status`)."""
     tasks = record.select(indices)
@@ -231,6 +250,10 @@ def task_status(record: JobRecord, indices: list[int] | None = None) -> list[dic
                 "loss": last.get("loss"),
                 "complete": t.dir.is_complete(),
                 "checkpoint_on_preemption": t.dir.preempted_step(),
+                # a cancelled job's workers exit too, but that is no failure to explain
+                "failure": None
+                if slurm.is_active(state := s.get("State", "")) or state.startswith("CANCELLED")
+                else failure_reason(t.dir, t.job_id),
             }
         )
     return rows
@@ -261,6 +284,7 @@ def format_status(record: JobRecord, rows: list[dict[str, Any]]) -> str:
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines += [f"task {r['index']} failed: {r['failure']}" for r in rows if r.get("failure") and not r["complete"]]
     return "\n".join([head, *lines])
 
 

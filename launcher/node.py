@@ -35,6 +35,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -170,6 +171,82 @@ def check_rendezvous_host(host: str) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------- failures
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def newest_checkpoint(run_dir: RunDir) -> int | None:
+    """The step of the newest published checkpoint (its manifest, written last, exists); torch-free."""
+    return next((s.step for s in run_dir.step_dirs() if s.manifest.is_file()), None)
+
+
+def record_failure(run_dir: RunDir, task: SlurmTask, rc: int) -> dict:
+    """Why this node's torchrun failed, as one line, from what torchrun reported (torchrun_main's record of
+    its ChildFailedError), written to the run folder for `launch status`. A worker killed by a signal, or
+    torchrun itself killed, is a cause; a worker exiting 1 because a peer vanished is usually an effect."""
+    from launcher.jobs import last_train_record  # noqa: PLC0415  (torch-free; only on failure)
+
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # SLURM's name for the node
+    where = f"node {task.procid} ({host})"
+    workers = read_json(run_dir.worker_failures(task.procid), "torchrun failures") or {}
+    failed = workers.get("failures") or []
+    if rc < 0:
+        cause, signalled = f"torchrun on {where} was killed by {_signal_name(rc)}", True
+    elif failed:
+        # the first signal death, else the first failure torchrun observed
+        first = min(failed, key=lambda f: (f["exitcode"] >= 0, f["timestamp"]))
+        how = (
+            f"was killed by {_signal_name(first['exitcode'])}"
+            if first["exitcode"] < 0
+            else f"exited with code {first['exitcode']}"
+        )
+        cause = f"rank {first['rank']} (on {where}, local rank {first['local_rank']}) {how}"
+        signalled = first["exitcode"] < 0
+    else:
+        cause, signalled = f"torchrun on {where} exited with code {rc}", False
+    last = (last_train_record(run_dir) or {}).get("step")
+    ckpt = newest_checkpoint(run_dir)
+    reason = (
+        f"{cause}{'' if last is None else f' after step {last}'}; "
+        f"{'no checkpoint yet' if ckpt is None else f'the newest checkpoint is step {ckpt}'}. "
+        f"Continue with `launch resubmit {shlex.quote(str(run_dir))}` (worker logs: {run_dir.logs})"
+    )
+    record = {
+        "job_id": task.requeue_id,  # as the job record names it (ARRAYJOB_TASK for an array task)
+        "restarts": task.restarts,
+        "node": task.procid,
+        "host": host,
+        "reason": reason,
+        "cause": 0 if rc < 0 else (1 if signalled else 2),  # 0 torchrun killed, 1 a worker killed, 2 an exit
+        "at": time.time(),
+    }
+    atomic_write_json(run_dir.node_failure(task.procid), record)
+    return record
+
+
+def torchrun_main(failures_path: str, argv: list[str]) -> None:
+    """torchrun (torch.distributed.run) in this process; when workers fail, what torchrun knows of each
+    (global rank, local rank, exit code or signal, time) is written to failures_path before it exits."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: PLC0415
+    from torch.distributed.run import main  # noqa: PLC0415
+
+    try:
+        main(argv)
+    except ChildFailedError as e:
+        failures = [
+            {"rank": rank, "local_rank": f.local_rank, "exitcode": f.exitcode, "pid": f.pid, "timestamp": f.timestamp}
+            for rank, f in e.failures.items()
+        ]
+        atomic_write_json(Path(failures_path), {"failures": failures})
+        raise
+
+
 class _Signals:
     """SIGUSR2 and SIGTERM only set flags here; what to do is decided once torchrun has exited.
     Installed over submitit's handlers (which would requeue immediately, before any checkpoint)."""
@@ -240,8 +317,10 @@ class NodeEntry:
             rdzv_id=rdzv_id,
             cache_only=self.cache_only,
         )
-        # torchrun is torch.distributed.run: run it with this interpreter, whatever PATH holds
-        return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+        # torchrun is torch.distributed.run, run with this interpreter (whatever PATH holds) through this
+        # module's main, which records which worker failed and how (see torchrun_main)
+        workers = str(plan.run.dir.worker_failures(task.procid))
+        return [sys.executable, "-m", "launcher.node", workers, *argv[1:]]
 
     def __call__(self) -> dict:
         from launcher.plan import Plan  # noqa: PLC0415  (from the snapshot, like everything here)
@@ -253,16 +332,25 @@ class NodeEntry:
         run_dir = plan.run.dir
         if task.procid == 0:
             run_dir.clear_preempted()  # from here on the marker can only mean "this attempt checkpointed"
+        for old in (run_dir.node_failure(task.procid), run_dir.worker_failures(task.procid)):
+            old.unlink(missing_ok=True)  # an older attempt's failure is history
         signals = _Signals()
         argv = self.torchrun_argv(plan, task)
         _log(task, f"attempt {task.restarts + 1} on {socket.gethostname()}, code {Path(__file__).resolve().parents[1]}")
         _log(task, shlex.join(argv))
-        rc = start_torchrun(argv).wait()
+        # torchrun shares one rendezvous store with the workers across rounds by default, its keys prefixed by
+        # each agent's own restart count: after a multi-node group restart (max_restarts) the new workers can
+        # wait for each other in init_process_group for ever (pytorch#135712; a 2 x 1 job here did). A store
+        # per round, as before torch 2.5, does not.
+        env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+        rc = start_torchrun(argv, env=env).wait()
         if rc == 0:
             _log(task, "torchrun finished")
             return {"state": "completed", "run_dir": str(run_dir), "attempt": task.restarts + 1}
         if not signals.usr2:
-            raise RuntimeError(f"torchrun exited with code {rc}; see the worker logs in {run_dir.logs}")
+            failure = record_failure(run_dir, task, rc)
+            _log(task, f"FAILED: {failure['reason']}")
+            raise SystemExit(1)  # that line says it all: no traceback of the node entry
         if not _wait_for(lambda: run_dir.preempted_step() is not None, CHECKPOINT_WAIT_S):
             raise RuntimeError(
                 f"SIGUSR2 received and torchrun exited ({rc}), but no preemption checkpoint was "
@@ -285,6 +373,13 @@ class NodeEntry:
                 f"(max_requeues={max_requeues}). Continue with `launch resubmit`.",
             )
             return
+        if shutil.which("scontrol") is None:  # as in many containers: say so rather than try
+            _log(
+                task,
+                f"checkpoint at step {step} written; cannot requeue: no scontrol on this node's PATH. "
+                "Continue with `launch resubmit`.",
+            )
+            return
         # Said first: a successful requeue ends this job step, often before scontrol itself returns.
         _log(task, f"checkpoint at step {step} written; requeueing ({task.restarts + 1}/{max_requeues})")
         try:
@@ -302,3 +397,7 @@ class NodeEntry:
         except (OSError, subprocess.TimeoutExpired) as e:
             _log(task, f"scontrol unusable here ({e}). Continue with `launch resubmit`.")
             return
+
+
+if __name__ == "__main__":  # the node entry's torchrun: python -m launcher.node FAILURES_JSON TORCHRUN_ARGS...
+    torchrun_main(sys.argv[1], sys.argv[2:])

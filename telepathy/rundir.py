@@ -5,6 +5,7 @@ or a sweep of runs) also holds the job record, submitit's files and the code sna
 
     RUN/
       config.json  plan.json  manifest.json  metrics.jsonl  eval.json  predictions.jsonl  preempted.json
+      failures/node<k>.json          why node k of a SLURM job failed (and workers<k>.json: torchrun's word)
       events.out.tfevents.*          TensorBoard (the run folder is its log dir)
       logs/worker_rank<r>.log
       checkpoints/step_<NNNNNN>/     bridge.safetensors  optimizer.pt  state.json  rng_rank<r>.pt  deepspeed/
@@ -160,6 +161,18 @@ class RunDir:
     @property
     def logs(self) -> Path:
         return self.path / "logs"
+
+    def node_failure(self, node: int) -> Path:
+        """Why node `node` of the current SLURM attempt failed (launcher.node), for `launch status`."""
+        return self.path / "failures" / f"node{node}.json"
+
+    def node_failures(self) -> list[Path]:
+        """Every node's failure record present (of whichever attempt wrote it)."""
+        return sorted(self.path.glob("failures/node[0-9]*.json"), key=lambda p: p.name)
+
+    def worker_failures(self, node: int) -> Path:
+        """What that node's torchrun reported of its failed workers (ranks, exit codes, signals)."""
+        return self.path / "failures" / f"workers{node}.json"
 
     def fault_marker(self, name: str) -> Path:
         """An injected fault (telepathy.faults) that has fired in this run: it does not fire again."""

@@ -1,6 +1,7 @@
 """The node entry's pieces that need no SLURM: rendezvous naming and the SIGUSR2 hand-off through a
 real torchrun (the full protocol runs on the real cluster in tests/slurm)."""
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import time
 import psutil
 import pytest
 
+from launcher.jobs import failure_reason
 from launcher.node import (
     RendezvousError,
     SlurmTask,
@@ -19,6 +21,7 @@ from launcher.node import (
     expand_nodelist,
     publish_rendezvous,
     read_rendezvous,
+    record_failure,
     start_torchrun,
 )
 from telepathy.rundir import RunDir
@@ -94,10 +97,11 @@ def _run_and_signal_tree(tmp_path, ignore_usr2: bool) -> tuple[int, set[str]]:
     """torchrun with 2 workers; once both are up, SIGUSR2 to every process, as SLURM signals a step."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    argv = [
+    argv = [  # torchrun through the node entry's wrapper, which records the workers' failures
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "launcher.node",
+        str(tmp_path / "failures.json"),
         "--standalone",
         "--nproc_per_node=2",
         str(script),
@@ -121,6 +125,27 @@ def test_torchrun_survives_sigusr2_and_its_workers_checkpoint(tmp_path):
     rc, checkpoints = _run_and_signal_tree(tmp_path, ignore_usr2=True)
     assert checkpoints == {"checkpoint_0", "checkpoint_1"}
     assert rc == 1  # torchrun's own "a worker failed" exit, not death by signal (-12)
+    # what torchrun knew of each failed worker, as the wrapper recorded it for the node entry
+    failed = json.loads((tmp_path / "failures.json").read_text())["failures"]
+    assert sorted((f["rank"], f["local_rank"], f["exitcode"]) for f in failed) == [(0, 0, 75), (1, 1, 75)]
+
+
+def test_the_failure_status_shows_is_the_cause_not_its_echo(tmp_path, monkeypatch):
+    """Node 1's rank was SIGKILLed; node 0's rank then exited 1 (its peer vanished) and wrote LATER: status
+    names node 1's rank. Another job's record, or an older attempt's, is never shown."""
+    run = RunDir(tmp_path)
+    for node, workers in ((1, [(1, 0, -9)]), (0, [(0, 0, 1)])):
+        failures = [{"rank": r, "local_rank": lr, "exitcode": c, "pid": 1, "timestamp": 5} for r, lr, c in workers]
+        run.worker_failures(node).parent.mkdir(exist_ok=True)
+        run.worker_failures(node).write_text(json.dumps({"failures": failures}))
+        monkeypatch.setenv("SLURMD_NODENAME", f"n{node + 1}")
+        record_failure(run, SlurmTask("12", "12", node, 2, "n[1-2]", restarts=1), 1)
+    assert failure_reason(run, "12").startswith(
+        "rank 1 (on node 1 (n2), local rank 0) was killed by SIGKILL; no checkpoint yet. Continue with `launch resubmit"
+    )
+    assert failure_reason(run, "13") is None
+    record_failure(run, SlurmTask("12", "12", 0, 2, "n[1-2]", restarts=2), -9)  # torchrun itself, a later attempt
+    assert failure_reason(run, "12").startswith("torchrun on node 0 (n1) was killed by SIGKILL")
 
 
 def test_without_the_ignored_disposition_torchrun_dies_of_sigusr2(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -95,3 +96,34 @@ def launch_json(*args: str) -> dict:
 
 def last_step(run_dir: Path | str) -> int:
     return (jobs.last_train_record(RunDir(run_dir)) or {}).get("step", 0)
+
+
+def with_profile(
+    plan: Plan, *, env: dict | None = None, setup: tuple[str, ...] = (), srun_args: tuple[str, ...] = ()
+) -> Plan:
+    """The plan with variables added to its profile's `env`, lines to its `setup`, options to its `srun_args`."""
+    prof = plan.profile
+    prof = dataclasses.replace(
+        prof,
+        env={**prof.env, **(env or {})},
+        setup=(*prof.setup, *setup),
+        srun_args=(*prof.srun_args, *srun_args),
+    )
+    return dataclasses.replace(plan, profile=prof)
+
+
+def task_processes(job_id: str, node: int, needle: str) -> list:
+    """The processes of SLURM job `job_id` on node `node` (by SLURM_JOB_ID and SLURM_NODEID in their
+    environment, as slurmstepd set them) whose command line contains `needle`."""
+    import psutil  # noqa: PLC0415
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            env = p.environ()
+        except (psutil.Error, OSError):
+            continue
+        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_NODEID") == str(node):
+            if needle in " ".join(p.info["cmdline"] or ()):
+                found.append(p)
+    return found
