@@ -116,7 +116,7 @@ def save(
             write_rank_files(tmp)
 
     full = rank == 0 and _full(rank0_files, run_dir, need)
-    full = full or _full(own_files, run_dir, need)
+    full = _full(own_files, run_dir, need) or full  # on every rank regardless: DeepSpeed's save is collective
     _agree(full, run_dir, step, need)
 
     files: dict[str, dict[str, Any]] = {}

@@ -77,7 +77,7 @@ def test_killed_writes_and_rank_resume_bitwise(ddp_straight, disk_full_run, tmp_
         assert [d.step for d in run.step_dirs()] == [3] and ckpt.latest_valid(run).step == 3
         relaunched = time.time()
         # the next start, with a restart budget for the other three kills
-        assert launch(cfg, 2, max_restarts=3, faults=",".join(FAULTS)) == 0, output(cfg)
+        assert launch(cfg, 2, timeout=480, max_restarts=3, faults=",".join(FAULTS)) == 0, output(cfg)  # 4 starts
     finally:
         arrivals.close()
     assert len(list(run.fault_marker("x").parent.iterdir())) == len(FAULTS)
