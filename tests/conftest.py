@@ -28,3 +28,11 @@ def hub_cache(tmp_path_factory):
     import hubcache
 
     return hubcache.build(tmp_path_factory.mktemp("hub"))
+
+
+@pytest.fixture(autouse=True)
+def _no_cluster_outside_slurm_tests(request, monkeypatch):
+    """The session's SLURM fixture exports SLURM_CONF for the cluster tests; elsewhere a dry run must not see
+    the local test cluster (it would check the default profile's 8-GPU nodes against its small ones)."""
+    if request.node.get_closest_marker("slurm") is None:
+        monkeypatch.delenv("SLURM_CONF", raising=False)
