@@ -408,7 +408,7 @@ def test_no_file_of_any_run_holds_a_secret_of_the_submitting_environment(runs, t
     leaks = [(str(p), k) for p in files for k, v in SECRETS.items() if v.encode() in p.read_bytes()]
     assert leaks == []
     # a secret in the profile's env would be written into the job script: refused, nothing written
-    bad = profiled(tiny_plan(tiny_run(tmp_path / "r")), env={"HF_KEY": SECRETS["HF_KEY"]})
+    # (refused where the profile is made, at planning, before a plan exists)
     with pytest.raises(UserError, match="HF_KEY looks like a secret"):
-        submit_slurm([bad])
+        submit_slurm([profiled(tiny_plan(tiny_run(tmp_path / "r")), env={"HF_KEY": SECRETS["HF_KEY"]})])
     assert not (tmp_path / "r").exists()
