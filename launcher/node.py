@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from launcher.profiles import TORCHRUN_ENV
 from telepathy.files import atomic_write_json, read_json
 from telepathy.rundir import EXIT_PREEMPTED, RunDir
 from telepathy.secrets import redact
@@ -338,11 +339,9 @@ class NodeEntry:
         argv = self.torchrun_argv(plan, task)
         _log(task, f"attempt {task.restarts + 1} on {socket.gethostname()}, code {Path(__file__).resolve().parents[1]}")
         _log(task, shlex.join(argv))
-        # torchrun shares one rendezvous store with the workers across rounds by default, its keys prefixed by
-        # each agent's own restart count: after a multi-node group restart (max_restarts) the new workers can
-        # wait for each other in init_process_group for ever (pytorch#135712; a 2 x 1 job here did). A store
-        # per round, as before torch 2.5, does not.
-        env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+        # A rendezvous store per round, so a multi-node group restart does not hang (pytorch#135712); the job
+        # script exports the same, this keeps a node entry started by hand safe too.
+        env = dict(os.environ, **TORCHRUN_ENV)
         rc = start_torchrun(argv, env=env).wait()
         if rc == 0:
             _log(task, "torchrun finished")
