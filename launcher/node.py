@@ -12,8 +12,11 @@ in it, importing this module from the job's code snapshot. The entry
 3. on SIGUSR2 (SLURM's `--signal=USR2@T` before the time limit, or `scancel --signal=USR2`), which
    SLURM delivers to every process of the step, only notes it: the workers checkpoint at the next step
    boundary and exit; torchrun then exits 1. The checkpoint is durable once rank 0 has written
-   the run folder's preemption marker, and only then does the first task requeue the job (`scontrol requeue`), at most
-   `profile.max_requeues` times (SLURM_RESTART_COUNT). The other nodes wait for the requeue to end them.
+   the run folder's preemption marker. Each other node then records that its torchrun has exited and waits
+   for the requeue to end it; the first task waits for those records (at most NODES_STOP_WAIT_S), so a
+   node still shutting down is not killed mid-exit, and requeues the job (`scontrol requeue`), at most
+   `profile.max_requeues` times (SLURM_RESTART_COUNT). A node whose workers all exited with the preemption
+   code counts as signalled even when its own SIGUSR2 has not arrived yet (SLURM signals nodes one by one).
 
 SIGTERM (scancel, a SLURM-driven preemption, the hard time limit) never requeues from here: a user's
 cancel must stay cancelled, and SLURM requeues PreemptMode=REQUEUE jobs itself.
@@ -53,6 +56,7 @@ from telepathy.secrets import redact
 RENDEZVOUS_WAIT_S = 300  # other nodes: how long to wait for the first node's rendezvous address
 CHECKPOINT_WAIT_S = 120  # after torchrun exits on a signal: how long to wait for rank 0's preemption marker
 REQUEUE_WAIT_S = 120  # other nodes: how long to wait for the first task's requeue to end them
+NODES_STOP_WAIT_S = 60  # the first node: how long to wait for the others' torchrun to exit before requeueing
 
 
 class RendezvousError(RuntimeError):
@@ -231,6 +235,12 @@ def record_failure(run_dir: RunDir, task: SlurmTask, rc: int) -> dict:
     return record
 
 
+def workers_preempted(run_dir: RunDir, node: int) -> bool:
+    """Whether every worker torchrun reported failed on this node exited with the preemption code."""
+    failed = (read_json(run_dir.worker_failures(node), "torchrun failures") or {}).get("failures") or []
+    return bool(failed) and all(f["exitcode"] == EXIT_PREEMPTED for f in failed)
+
+
 def torchrun_main(failures_path: str, argv: list[str]) -> None:
     """torchrun (torch.distributed.run) in this process; when workers fail, what torchrun knows of each
     (global rank, local rank, exit code or signal, time) is written to failures_path before it exits."""
@@ -346,7 +356,7 @@ class NodeEntry:
         if rc == 0:
             _log(task, "torchrun finished")
             return {"state": "completed", "run_dir": str(run_dir), "attempt": task.restarts + 1}
-        if not signals.usr2:
+        if not (signals.usr2 or workers_preempted(run_dir, task.procid)):
             failure = record_failure(run_dir, task, rc)
             _log(task, f"FAILED: {failure['reason']}")
             raise SystemExit(1)  # that line says it all: no traceback of the node entry
@@ -356,10 +366,15 @@ class NodeEntry:
                 f"recorded ({run_dir.preempted} missing after {CHECKPOINT_WAIT_S} s): not requeueing"
             )
         step = run_dir.preempted_step()
+        attempt = {"job_id": task.job_id, "restarts": task.restarts}
         if task.procid != 0:
+            atomic_write_json(run_dir.node_stopped(task.procid), attempt)
             _log(task, f"checkpoint at step {step} is written; waiting for the requeue")
             _wait_for(lambda: signals.term, REQUEUE_WAIT_S)
             raise SystemExit(EXIT_PREEMPTED)
+        others = [run_dir.node_stopped(k) for k in range(1, task.nnodes)]
+        if not _wait_for(lambda: all(read_json(p, "node stop") == attempt for p in others), NODES_STOP_WAIT_S):
+            _log(task, f"not every node's torchrun exited within {NODES_STOP_WAIT_S} s; requeueing anyway")
         self._requeue(task, plan.profile.max_requeues, step)
         raise SystemExit(EXIT_PREEMPTED)  # no result file: the requeued attempt writes it
 

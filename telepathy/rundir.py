@@ -6,6 +6,7 @@ or a sweep of runs) also holds the job record, submitit's files and the code sna
     RUN/
       config.json  plan.json  manifest.json  metrics.jsonl  eval.json  predictions.jsonl  preempted.json
       failures/node<k>.json          why node k of a SLURM job failed (and workers<k>.json: torchrun's word)
+      stopped/node<k>.json           node k's torchrun has exited after a preemption (this attempt's job, restarts)
       events.out.tfevents.*          TensorBoard (the run folder is its log dir)
       logs/worker_rank<r>.log
       checkpoints/step_<NNNNNN>/     bridge.safetensors  optimizer.pt  state.json  rng_rank<r>.pt  deepspeed/
@@ -173,6 +174,10 @@ class RunDir:
     def worker_failures(self, node: int) -> Path:
         """What that node's torchrun reported of its failed workers (ranks, exit codes, signals)."""
         return self.path / "failures" / f"workers{node}.json"
+
+    def node_stopped(self, node: int) -> Path:
+        """Written by node `node` once its torchrun has exited on a preemption: the first node requeues after all."""
+        return self.path / "stopped" / f"node{node}.json"
 
     def fault_marker(self, name: str) -> Path:
         """An injected fault (telepathy.faults) that has fired in this run: it does not fire again."""

@@ -23,6 +23,7 @@ from launcher.node import (
     read_rendezvous,
     record_failure,
     start_torchrun,
+    workers_preempted,
 )
 from telepathy.rundir import RunDir
 
@@ -128,6 +129,14 @@ def test_torchrun_survives_sigusr2_and_its_workers_checkpoint(tmp_path):
     # what torchrun knew of each failed worker, as the wrapper recorded it for the node entry
     failed = json.loads((tmp_path / "failures.json").read_text())["failures"]
     assert sorted((f["rank"], f["local_rank"], f["exitcode"]) for f in failed) == [(0, 0, 75), (1, 1, 75)]
+    # a node whose own SIGUSR2 is late still knows it was preempted: all its workers said so
+    run = RunDir(tmp_path / "run")
+    run.worker_failures(1).parent.mkdir(parents=True)
+    assert not workers_preempted(run, 1)
+    (tmp_path / "failures.json").rename(run.worker_failures(1))
+    assert workers_preempted(run, 1)
+    run.worker_failures(1).write_text(json.dumps({"failures": failed + [dict(failed[0], exitcode=-9)]}))
+    assert not workers_preempted(run, 1)
 
 
 def test_the_failure_status_shows_is_the_cause_not_its_echo(tmp_path, monkeypatch):

@@ -206,8 +206,8 @@ def test_mixed_precision_moves_weights_that_bf16_would_freeze(built):
     }
     assert all(torch.all(g == 1.0) for n, g in gains.items() if n.endswith("weight"))
     wrapped = Wrapped(fresh.train(), cfg)
-    for step in range(5):
-        wrapped.micro_step(collate(task.train[4 * step : 4 * step + 4]), last=True)
+    for step in range(2):  # bf16 compute: two small steps (bf16 matmuls are slow on CPUs without AVX-512 bf16)
+        wrapped.micro_step(collate(task.train[2 * step : 2 * step + 2]), last=True)
         wrapped.optimizer_step()
     after = dict(fresh.bridge.named_parameters())
     assert all(not torch.equal(after[n], g) for n, g in gains.items()), "fp32 master weights moved"
