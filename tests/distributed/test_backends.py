@@ -105,6 +105,8 @@ def test_preempted_on_one_rank_resumes_bitwise(backend, tmp_path, request):
     assert finish(proc) != 0
     saved = ckpt.latest_valid(cut.dir)
     assert saved is not None and 2 <= saved.step < steps, output(cut)
+    # the data position travels with the checkpoint: `step` global batches (2 ranks x 2 x 2) of epoch 0 consumed
+    assert saved.state["sampler"] == {"epoch": 0, "position": saved.step, "global_batch": 8}
     # both ranks checkpointed the same step and exited with the preemption code
     assert output(cut).count(f"preempted: checkpoint at step {saved.step} written") == 2
     assert f"exitcode: {EXIT_PREEMPTED}" in output(cut).replace("exitcode  :", "exitcode:")
