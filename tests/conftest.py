@@ -44,13 +44,13 @@ def _no_cluster_outside_slurm_tests(request, monkeypatch):
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the groups into node ids
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) each group runs whole on one worker: the
-    SLURM tests share one cluster and submit from one process, the torchrun tests share their reference runs
-    and DeepSpeed's one JIT build. The unit tests fill in around them on both workers."""
+    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup --no-loadscope-reorder) each group runs whole on
+    one worker, the groups in collection order (the long SLURM and torchrun groups first): the SLURM tests
+    share one cluster and submit from one process, the torchrun tests share their reference runs and
+    DeepSpeed's one JIT build, every other module its module-scoped fixtures (built once, not per worker)."""
     for item in items:
-        for group in ("slurm", "distributed"):
-            if item.get_closest_marker(group) is not None:
-                item.add_marker(pytest.mark.xdist_group(group))
+        marked = [g for g in ("slurm", "distributed") if item.get_closest_marker(g) is not None]
+        item.add_marker(pytest.mark.xdist_group(marked[0] if marked else item.path.stem))
 
 
 def pytest_xdist_node_collection_finished(node, ids):

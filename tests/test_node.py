@@ -90,6 +90,9 @@ WORKER = textwrap.dedent("""
     while not got:
         time.sleep(0.05)
     open(os.path.join(out, "checkpoint_" + os.environ["RANK"]), "w").close()
+    deadline = time.monotonic() + 30  # the trainer's barrier after a checkpoint: no rank exits before all wrote
+    while len([f for f in os.listdir(out) if f.startswith("checkpoint_")]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     sys.exit(75)
 """)
 
