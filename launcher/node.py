@@ -15,7 +15,7 @@ in it, importing this module from the job's code snapshot. The entry
    the run folder's preemption marker. Each other node then records that its torchrun has exited and waits
    for the requeue to end it; the first task waits for those records (at most NODES_STOP_WAIT_S), so a
    node still shutting down is not killed mid-exit, and requeues the job (`scontrol requeue`), at most
-   `profile.max_requeues` times (SLURM_RESTART_COUNT). A node whose workers all exited with the preemption
+   `profile.max_requeues` times (SLURM_RESTART_COUNT). A node whose workers exited with the preemption
    code counts as signalled even when its own SIGUSR2 has not arrived yet (SLURM signals nodes one by one).
 
 SIGTERM (scancel, a SLURM-driven preemption, the hard time limit) never requeues from here: a user's
@@ -236,9 +236,11 @@ def record_failure(run_dir: RunDir, task: SlurmTask, rc: int) -> dict:
 
 
 def workers_preempted(run_dir: RunDir, node: int) -> bool:
-    """Whether every worker torchrun reported failed on this node exited with the preemption code."""
+    """Whether this node's workers stopped for a preemption: one exited with the preemption code and each
+    other did too, or was ended by the SIGTERM torchrun sends the rest of a group once one worker exits."""
     failed = (read_json(run_dir.worker_failures(node), "torchrun failures") or {}).get("failures") or []
-    return bool(failed) and all(f["exitcode"] == EXIT_PREEMPTED for f in failed)
+    codes = {f["exitcode"] for f in failed}
+    return EXIT_PREEMPTED in codes and codes <= {EXIT_PREEMPTED, -signal.SIGTERM}
 
 
 def torchrun_main(failures_path: str, argv: list[str]) -> None:
