@@ -45,7 +45,7 @@ from telepathy.bridge_shape import source_layer  # noqa: E402
 from telepathy.config import BridgeConfig, DataConfig, RunConfig, TrainConfig  # noqa: E402
 from telepathy.data import _pad  # noqa: E402  (the collator's own per-batch padding)
 from telepathy.files import atomic_write_text  # noqa: E402
-from telepathy.loading import load_model  # noqa: E402
+from telepathy.loading import compute_dtype, load_model  # noqa: E402
 from telepathy.registry import load_registry  # noqa: E402
 from telepathy.sampler import StepSampler  # noqa: E402
 from telepathy.step import Batch, build_telepathy_model  # noqa: E402
@@ -212,8 +212,11 @@ def step_comparison(regime_name: str, device: torch.device, reps: int, compile_b
         data=DataConfig(max_length=regime["max_length"]),
     )
     tap = source_layer(cfg.bridge, pair.sender)
+    # Both steps compute in the platform's dtype (bf16 where the hardware has it natively, else fp32), so the
+    # comparison is of the work each step does, not of emulated bf16 on one side.
+    dtype, _ = compute_dtype(device)
     model, _, _ = build_telepathy_model(cfg, pair, device)  # ours: truncated sender + bridge + receiver
-    full_sender = load_model(pair.sender, device=device, attn_implementation="sdpa")  # the original's
+    full_sender = load_model(pair.sender, device=device, attn_implementation="sdpa", dtype=dtype)  # the original's
     lm = model.receiver.lm
     from telepathy.bridge import target_rms_of
 
@@ -232,7 +235,7 @@ def step_comparison(regime_name: str, device: torch.device, reps: int, compile_b
             8,
             cfg.bridge.depth,
             rms,  # the original's 8 heads
-        ).to(device, torch.bfloat16)
+        ).to(device, dtype)  # the original trained its bridge in the compute dtype itself
 
     def make_original():
         step = OriginalStep(full_sender, original_bridge(), lm, tap)
@@ -244,7 +247,7 @@ def step_comparison(regime_name: str, device: torch.device, reps: int, compile_b
             model.bridge = torch.compile(model.bridge, dynamic=True)
         return (lambda b: model(b).loss), our_optimizer(model.bridge.parameters())
 
-    # Correctness on identical examples and bridge: the fast path's loss vs the original step's (bf16),
+    # Correctness on identical examples and bridge: the fast path's loss vs the original step's,
     # both with the project's bridge.
     same = our_batch(sender_ids, answers, list(range(batch)))
     same_orig = original_batch(
@@ -270,6 +273,7 @@ def step_comparison(regime_name: str, device: torch.device, reps: int, compile_b
         "mean_sender_tokens": float(np.mean([len(s) for s in sender_ids])),
         "padded_len_original": regime["max_length"],
         "padded_len_ours": float(np.mean([b.sender_mask.size(1) for b in ours_b])),
+        "dtype": str(dtype).removeprefix("torch."),
         "loss_check": {"original": loss_o, "ours": loss_f, "abs_diff": abs(loss_o - loss_f)},
     }
     for r in runners:
@@ -363,7 +367,8 @@ def sweep(use_cache: bool, root: Path, device: torch.device, steps_per_epoch: in
                 )
 
                 def compute(tap=tap):
-                    body = load_model(spec, device=device, attn_implementation="sdpa", num_layers=tap)
+                    dtype, _ = compute_dtype(device)
+                    body = load_model(spec, device=device, attn_implementation="sdpa", num_layers=tap, dtype=dtype)
                     return sender_cache.sender_states(body, sender_ids, SENDER_PAD, device)
 
                 cache, was_built = sender_cache.ensure(key, compute, root)
@@ -513,7 +518,9 @@ def machine() -> dict:
     )
     import transformers
 
+    dtype, why = compute_dtype("cpu")
     return {
+        "compute_dtype": f"{str(dtype).removeprefix('torch.')} ({why})",
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -538,11 +545,13 @@ def markdown(res: dict) -> str:
         f"{'GPU ' + m['gpu'] if m['gpu'] else 'no GPU'}; torch {m['torch']}, transformers {m['transformers']}, "
         f"Python {m['python']}. Load average at start {m['loadavg_start'][0]:.2f}, at end {res['loadavg_end'][0]:.2f} "
         "(other processes share this machine; configurations alternate within each repetition). "
-        f"Wall time of the whole benchmark: {res['wall_s']:.0f} s.",
+        f"Wall time of the whole benchmark: {res['wall_s']:.0f} s."
+        + (f" **Incomplete: stopped after {', '.join(res['done'])}.**" if not res.get("complete", True) else ""),
         "",
         "Models: random-weight `bench-llama` sender (hidden 512, 8 layers, vocab 128256, tap hidden_states[7]) -> "
         "`bench-mistral` receiver (vocab 32768); `bench-qwen` (vocab 151936) is the second sweep receiver "
-        "(configs/models.yaml). Bridge: K=32, depth 2, bf16.",
+        f"(configs/models.yaml). Bridge: K=32, depth 2, fp32 master weights. Compute dtype on the CPU (both steps): "
+        f"{m.get('compute_dtype', 'bf16')}.",
         "",
         "| measurement | original / baseline | ours | ratio | target | met |",
         "|---|---|---|---|---|---|",
@@ -618,7 +627,8 @@ def markdown(res: dict) -> str:
         lc = r["loss_check"]
         lines.append(
             f"- {name}: loss of the first batch, same examples and bridge init: original {lc['original']:.4f}, "
-            f"ours {lc['ours']:.4f} (|diff| {lc['abs_diff']:.1e}, bf16). Runs (samples/s): original "
+            f"ours {lc['ours']:.4f} (|diff| {lc['abs_diff']:.1e}, {r.get('dtype', 'bfloat16')}). "
+            "Runs (samples/s): original "
             f"{', '.join(_fmt(x) for x in r['original']['samples_per_s'])}; ours "
             f"{', '.join(_fmt(x) for x in r['ours']['samples_per_s'])}."
         )
@@ -670,7 +680,7 @@ def markdown(res: dict) -> str:
             f"{', '.join(_fmt(b) for b in bound)}x at {', '.join(str(sw['without']['epochs']) for sw in s['runs'])} "
             "epoch(s) per task. A single run that reads its data less than once is slower with the cache."
         )
-    gpu = res["gpu"]
+    gpu = res.get("gpu", {})
     if isinstance(gpu, str):
         lines.append(f"- GPU: {gpu}")
     else:
@@ -702,6 +712,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     res: dict = {"machine": machine(), "steps": {}}
     cpu = torch.device("cpu")
+    out = Path(args.out)
+
+    def save(done: str, complete: bool = False) -> None:
+        # after every section: a benchmark of most of an hour keeps what it measured if it is stopped
+        res["done"] = [*res.get("done", []), done]
+        res["complete"], res["loadavg_end"], res["wall_s"] = complete, os.getloadavg(), time.perf_counter() - t0
+        atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=str) + "\n")
+        atomic_write_text(out / "RESULTS.md", markdown(res))
+
     for name in ("short", "long"):
         if name in sections:
             print(f"[bench] {name} regime step comparison", flush=True)
@@ -711,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 json.dumps({k: v for k, v in res["steps"][name].items() if k in ("speedup", "flop_ratio")}), flush=True
             )
+            save(name)
     if "sweep" in sections:
         print("[bench] 4-task sweep with and without the sender cache", flush=True)
         runs = []
@@ -730,9 +750,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(json.dumps({"epochs": epochs, "sweep_speedup": runs[-1]["speedup"]}), flush=True)
         res["sweep"] = {"runs": runs, "flops": sweep_flops(cpu)}
+        save("sweep")
     if "cli" in sections:
         print("[bench] CLI latency and planning", flush=True)
         res["cli"] = {"dry_run": cli_latency(), "plan_1000": _guard(plan_1000)}
+        save("cli")
     if torch.cuda.is_available():
         print("[bench] GPU step comparison", flush=True)
         gpu = torch.device("cuda")
@@ -741,11 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         res["gpu"] = (
             "skipped: no CUDA device on this machine (the same step comparison runs on cuda when one is present)"
         )
-    res["loadavg_end"] = os.getloadavg()
-    res["wall_s"] = time.perf_counter() - t0
-    out = Path(args.out)
-    atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=str) + "\n")
-    atomic_write_text(out / "RESULTS.md", markdown(res))
+    save("gpu", complete=True)
     print(markdown(res))
     return 0
 
