@@ -366,10 +366,10 @@ def sweep(use_cache: bool, root: Path, device: torch.device, steps_per_epoch: in
                     max_length=regime["max_length"],
                 )
 
-                def compute(tap=tap):
+                def compute(indices, tap=tap):
                     dtype, _ = compute_dtype(device)
                     body = load_model(spec, device=device, attn_implementation="sdpa", num_layers=tap, dtype=dtype)
-                    return sender_cache.sender_states(body, sender_ids, SENDER_PAD, device)
+                    return sender_cache.sender_states(body, sender_ids, SENDER_PAD, device, indices=indices)
 
                 cache, was_built = sender_cache.ensure(key, compute, root)
                 built += was_built
@@ -702,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile trial")
     ap.add_argument("--out", default=str(REPO / "bench"))
     ap.add_argument("--from-json", help="only re-render RESULTS.md from an existing results.json")
+    ap.add_argument("--resume", action="store_true", help="keep the sections --out/results.json already holds")
     args = ap.parse_args(argv)
     if args.from_json:
         atomic_write_text(Path(args.out) / "RESULTS.md", markdown(json.loads(Path(args.from_json).read_text())))
@@ -713,6 +714,16 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"machine": machine(), "steps": {}}
     cpu = torch.device("cpu")
     out = Path(args.out)
+    if args.resume and (out / "results.json").exists():  # a stopped run goes on where it stopped, same machine
+        kept = json.loads((out / "results.json").read_text())
+        same = ("cpu", "cores", "torch", "transformers", "gpu")
+        if (
+            any(kept["machine"][k] != res["machine"][k] for k in same)
+            or kept["machine"]["compute_dtype"].split()[0] != res["machine"]["compute_dtype"].split()[0]
+        ):
+            raise SystemExit(f"bench: {out / 'results.json'} was measured on another machine; run without --resume")
+        res, sections = kept, sections - set(kept["done"])
+        t0 -= kept["wall_s"]
 
     def save(done: str, complete: bool = False) -> None:
         # after every section: a benchmark of most of an hour keeps what it measured if it is stopped

@@ -149,6 +149,9 @@ class Wrapped:
 
     # ------------------------------------------------------------------ after training
 
+    def leave_group(self) -> None:
+        """Every rank, before the process group is destroyed: let go of what holds the group from C++."""
+
     def release_optimizer(self) -> None:
         """Drop the optimizer and schedule (AdamW's moments: twice the trained weights in fp32) before
         evaluation, which needs neither."""
@@ -176,6 +179,15 @@ class DDPWrapped(Wrapped):
 
     def _sync(self, last: bool):
         return contextlib.nullcontext() if last else self.model.bridge.no_sync()
+
+    def leave_group(self) -> None:
+        # DDP's C++ Reducer holds the process group. Left as its last holder, destroying the DDP wrapper after
+        # the group would run the group's destructor with the GIL held, joining gloo's worker thread while that
+        # thread waits for the GIL to free a finished collective's tensors: a deadlock (seen on rank 0 as
+        # evaluation unwrapped the bridge). Dropped now, the group's last holder is torch's own registry, which
+        # releases the GIL to destroy it.
+        self.model.bridge = self.bridge
+        gc.collect()
 
 
 class FSDPWrapped(Wrapped):

@@ -398,7 +398,10 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Rank 0, after the process group is closed: the run's method and its baselines on the eval split;
         eval.json and predictions.jsonl."""
-        bridge_state = self.wrapped.bridge_state() if self.wrapped is not None else None
+        bridge_state = None
+        if self.wrapped is not None:
+            bridge_state = self.wrapped.bridge_state()
+            self.wrapped.leave_group()
         close_group()
         if self.rank != 0:
             # Stay until rank 0 is done: ranks that exit at once leave their nodes' torchrun agents in the exit

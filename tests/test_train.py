@@ -102,3 +102,32 @@ def test_bad_run_is_one_line_and_exit_2(tmp_path):
     assert finish(start(cfg, 1)) == 2
     out = output(cfg)
     assert "error: the training set has" in out and "Traceback" not in out
+
+
+def test_ddp_lets_go_of_the_process_group_before_the_group_is_destroyed(tmp_path):
+    """DDP's C++ Reducer holds the process group; were it the group's last holder, dropping the wrapper after
+    the group is destroyed joins gloo's worker thread with the GIL held, a deadlock (seen under load at the
+    start of evaluation). Trainer.evaluate calls leave_group first: afterwards no DDP object is alive."""
+    import gc
+    import weakref
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from telepathy.backends import DDPWrapped
+    from telepathy.registry import load_registry
+    from telepathy.step import build_telepathy_model
+
+    cfg = tiny_config(tmp_path)
+    model, _, _ = build_telepathy_model(cfg, load_registry().pair(sender=cfg.sender, receiver=cfg.receiver), "cpu")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = DDPWrapped(model, cfg, torch.device("cpu"))
+        ddp = weakref.ref(model.bridge)
+        assert isinstance(ddp(), DistributedDataParallel)
+        wrapped.leave_group()
+        gc.collect()
+        assert ddp() is None and model.bridge is wrapped.bridge
+    finally:
+        dist.destroy_process_group()

@@ -44,8 +44,9 @@ def single(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
-def test_two_workers_match_one_process(name, single, tmp_path):
-    pytest.importorskip("deepspeed") if name.startswith("deepspeed") else None
+def test_two_workers_match_one_process(name, single, tmp_path, request):
+    if name.startswith("deepspeed"):
+        request.getfixturevalue("deepspeed_ops")
     cfg = tiny_config(tmp_path, backend=name.split("-")[0], grad_accum=2, **BACKENDS[name])
     assert launch(cfg, 2) == 0, output(cfg)
     ref, ref_bridge = single
@@ -89,14 +90,12 @@ def _signal_rank(proc, rank: int, sig: int) -> None:
 
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
 def test_preempted_on_one_rank_resumes_bitwise(backend, tmp_path, request):
-    if backend == "deepspeed":
-        pytest.importorskip("deepspeed")
     steps = 24
     if backend == "ddp":  # shared with the fault tests (conftest.py)
         straight = request.getfixturevalue("ddp_straight")
     else:
+        request.getfixturevalue("deepspeed_ops")
         straight = Background(tiny_config(tmp_path / "straight", backend=backend, steps=steps, grad_accum=2))
-        straight.result()  # before the cut run: DeepSpeed's first use JIT-compiles its CPU op
 
     cut = tiny_config(tmp_path / "cut", backend=backend, steps=steps, grad_accum=2)
     proc = start(cut, 2)

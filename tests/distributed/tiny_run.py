@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -73,7 +74,13 @@ def start(cfg: RunConfig, nproc: int, max_restarts: int = 0, faults: str = "") -
     log = open(Path(cfg.run_dir) / f"launch_{time.monotonic_ns()}.log", "w")
     env = dict(worker_env(), TELEPATHY_FAULT=faults)
     return subprocess.Popen(
-        worker_command(cfg, nproc, max_restarts), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+        worker_command(cfg, nproc, max_restarts),
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: a timeout kills the workers too, not only torchrun
     )
 
 
@@ -81,7 +88,8 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # a hung worker left behind would hold its CPU for the whole suite
+        proc.wait()
         raise
 
 
